@@ -1,0 +1,49 @@
+"""Latent space: seeded initial noise, VAE decoding, and the cheap latent -> RGB preview."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL
+from PIL import Image
+
+
+def seeded_noise(
+    seeds: Sequence[int], shape: tuple[int, int, int], *, device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, list[torch.Generator]]:
+    """Standard normal noise, one CPU generator per image, so a seed gives the same image on any device.
+
+    Returns the noise (batch, *shape) and the generators, whose state has advanced past the draw: stochastic
+    samplers continue from them, as diffusers' pipelines do with a list of generators.
+    """
+    generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
+    noise = torch.cat([torch.randn((1, *shape), generator=g, dtype=torch.float32) for g in generators])
+    return noise.to(device=device, dtype=dtype), generators
+
+
+def decode(vae: AutoencoderKL, latents: torch.Tensor, scaling_factor: float) -> torch.Tensor:
+    """VAE-decode latents to images in [0, 1], shape (batch, 3, H, W), float32."""
+    images = vae.decode(latents.to(vae.dtype) / scaling_factor, return_dict=False)[0]
+    return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """(batch, 3, H, W) floats in [0, 1] -> 8-bit RGB PIL images."""
+    array = images.detach().cpu().permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray((image * 255).round().astype(np.uint8)) for image in array]
+
+
+def approximate_rgb(latents: torch.Tensor, factors: Sequence[Sequence[float]]) -> torch.Tensor:
+    """A linear map from latent channels to RGB in [0, 1]: a preview without running the VAE decoder.
+
+    Each output pixel stands for one latent cell, so the preview is 1/8 the size of the image.
+    """
+    weights = torch.tensor(factors, dtype=torch.float32, device=latents.device)
+    if weights.shape[0] != latents.shape[1]:  # no factors for this latent space: show the first channels
+        rgb = latents[:, :3].float()
+        rgb = (rgb - rgb.amin()) / (rgb.amax() - rgb.amin() + 1e-8) * 2 - 1
+    else:
+        rgb = torch.einsum("bchw,cr->brhw", latents.float(), weights)
+    return (rgb / 2 + 0.5).clamp(0, 1)

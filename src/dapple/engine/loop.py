@@ -1,0 +1,73 @@
+"""The one denoise loop every mode runs (txt2img now; img2img, inpaint, hires fix compose around it).
+
+Each step: scale the latents for the sampler, predict the noise with the UNet (conditional and unconditional
+halves in one batched call), mix them with classifier-free guidance (Ho & Salimans, 2022, eq. 6:
+eps = eps_uncond + w * (eps_cond - eps_uncond)), and let the diffusers scheduler take the step.
+Modes differ only in the latents, timesteps and hooks they pass in.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+
+import torch
+from diffusers import UNet2DConditionModel
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+from dapple.engine.conditioning import Conditioning
+from dapple.engine.hooks import Previewer, StepContext, StepHooks
+
+
+def _step_kwargs(scheduler: SchedulerMixin, generators: Sequence[torch.Generator] | None) -> dict:
+    """Stochastic samplers take the per-image generators so that their noise follows the seeds too."""
+    if generators and "generator" in inspect.signature(scheduler.step).parameters:
+        return {"generator": list(generators)}
+    return {}
+
+
+def _predicted_x0(output: object) -> torch.Tensor | None:
+    """The sampler's prediction of the clean latents, where it reports one (LCM calls it "denoised")."""
+    for name in ("pred_original_sample", "denoised"):
+        value = getattr(output, name, None)
+        if value is not None:
+            return value
+    return None
+
+
+def denoise(
+    unet: UNet2DConditionModel,
+    scheduler: SchedulerMixin,
+    latents: torch.Tensor,
+    conditioning: Conditioning,
+    guidance_scale: float,
+    *,
+    timesteps: Sequence[torch.Tensor] | torch.Tensor | None = None,
+    generators: Sequence[torch.Generator] | None = None,
+    hooks: StepHooks | None = None,
+    previewer: Previewer | None = None,
+) -> torch.Tensor:
+    """Run the sampler over `timesteps` (default: the scheduler's) and return the final latents."""
+    hooks = hooks or StepHooks()
+    timesteps = scheduler.timesteps if timesteps is None else timesteps
+    encoder_states = conditioning.unet_batch
+    step_kwargs = _step_kwargs(scheduler, generators)
+    total = len(timesteps)
+    for index, t in enumerate(timesteps):
+        context = StepContext(index, total, t, latents, previewer=previewer)
+        hooks.run_before(context)
+        latents = context.latents
+
+        model_input = torch.cat([latents] * 2) if conditioning.uses_guidance else latents
+        model_input = scheduler.scale_model_input(model_input, t)
+        noise_pred = unet(model_input, t, encoder_hidden_states=encoder_states, return_dict=False)[0]
+        if conditioning.uses_guidance:
+            noise_uncond, noise_cond = noise_pred.chunk(2)
+            noise_pred = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
+
+        output = scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=True)
+        context.latents = output.prev_sample
+        context.denoised = _predicted_x0(output)
+        hooks.run_after(context)
+        latents = context.latents
+    return latents

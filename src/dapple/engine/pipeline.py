@@ -1,0 +1,162 @@
+"""The Python API: a loaded model with `generate`, and the building blocks of the sampling loop laid open.
+
+    pipe = dapple.load("path/to/model")
+    result = pipe.generate("a red circle on a blue background", seed=42)
+    result.images[0].save("circle.png")
+
+The components are attributes (pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae, pipe.scheduler), and
+encode_prompt / prepare_latents / decode_latents are the steps of the diffusers tutorial's loop, so a user can
+write that loop by hand (examples/handwritten_loop.py) and get the same image as `generate`.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from PIL import Image
+
+from dapple.engine.conditioning import Conditioning, encode_prompt
+from dapple.engine.hooks import CancelToken, StepContext, StepHooks
+from dapple.engine.latents import decode, seeded_noise, to_pil
+from dapple.engine.txt2img import txt2img
+from dapple.errors import GenerationCancelled
+from dapple.models.components import Components
+from dapple.request import DEFAULT_SAMPLER, GenerationRequest, GenerationResult, Limits, make_request
+from dapple.samplers import create_scheduler
+
+StepCallback = Callable[[StepContext], None]
+
+
+class Pipeline:
+    """A Stable Diffusion model ready to generate. Built by dapple.load(); holds no per-run state."""
+
+    def __init__(self, components: Components, *, limits: Limits | None = None) -> None:
+        self.components = components
+        self.limits = limits or Limits()
+        self._scheduler: SchedulerMixin | None = None
+
+    # -- the components, as diffusers users know them ------------------------------------------------------
+    @property
+    def tokenizer(self):
+        return self.components.tokenizer
+
+    @property
+    def text_encoder(self):
+        return self.components.text_encoder
+
+    @property
+    def unet(self):
+        return self.components.unet
+
+    @property
+    def vae(self):
+        return self.components.vae
+
+    @property
+    def scheduler(self) -> SchedulerMixin:
+        """A scheduler for hand-written loops (the default sampler on the model's noise schedule).
+
+        generate() never uses this object; it makes a fresh scheduler per run.
+        """
+        if self._scheduler is None:
+            self._scheduler = self.make_scheduler(DEFAULT_SAMPLER)
+        return self._scheduler
+
+    @property
+    def device(self) -> torch.device:
+        return self.components.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.components.dtype
+
+    def make_scheduler(self, sampler: str, seeds: Sequence[int] | None = None) -> SchedulerMixin:
+        """A fresh scheduler for a sampler name such as "Euler a" or "DPM++ 2M Karras"."""
+        return create_scheduler(sampler, self.components.scheduler_config, seeds=seeds)
+
+    # -- the tutorial's building blocks ---------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode_prompt(
+        self, prompt: str, negative_prompt: str = "", *, guidance_scale: float = 7.0, batch_size: int = 1
+    ) -> Conditioning:
+        """Text embeddings; `.unet_batch` is what the UNet's encoder_hidden_states takes ([uncond; cond])."""
+        return encode_prompt(
+            self.tokenizer, self.text_encoder, prompt, negative_prompt,
+            guidance_scale=guidance_scale, batch_size=batch_size,
+        )
+
+    def prepare_latents(
+        self, seeds: int | Sequence[int], width: int | None = None, height: int | None = None
+    ) -> torch.Tensor:
+        """Unit-variance seeded noise in latent space; multiply by scheduler.init_noise_sigma to start."""
+        seeds = [seeds] if isinstance(seeds, int) else list(seeds)
+        factor = self.components.vae_scale_factor
+        width = width or self.components.native_size
+        height = height or self.components.native_size
+        shape = (self.components.latent_channels, height // factor, width // factor)
+        noise, _ = seeded_noise(seeds, shape, device=self.device, dtype=self.dtype)
+        return noise
+
+    @torch.inference_mode()
+    def decode_latents(self, latents: torch.Tensor) -> list[Image.Image]:
+        """VAE-decode final latents to PIL images."""
+        return to_pil(decode(self.vae, latents, self.components.latent_scaling_factor))
+
+    # -- generation -------------------------------------------------------------------------------------------
+    def generate(
+        self,
+        prompt: str = "",
+        negative_prompt: str | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        seed: int | None = None,
+        sampler: str | None = None,
+        batch_size: int | None = None,
+        *,
+        callback: StepCallback | None = None,
+        cancel: CancelToken | None = None,
+    ) -> GenerationResult:
+        """Text-to-image. Arguments left as None take GenerationRequest's defaults (20 steps, CFG 7,
+        "DPM++ 2M Karras", random seed, the model's native size). `callback` is called after every step with
+        a StepContext (step, total, latents, denoised, preview()); `cancel` stops the run between steps."""
+        fields: dict[str, Any] = {
+            "negative_prompt": negative_prompt, "width": width, "height": height, "steps": steps,
+            "guidance_scale": guidance_scale, "seed": seed, "sampler": sampler, "batch_size": batch_size,
+        }
+        request = make_request(prompt=prompt, **{k: v for k, v in fields.items() if v is not None})
+        return self.run(request, callback=callback, cancel=cancel)
+
+    def run(
+        self,
+        request: GenerationRequest,
+        *,
+        callback: StepCallback | None = None,
+        cancel: CancelToken | None = None,
+        hooks: StepHooks | None = None,
+    ) -> GenerationResult:
+        """Run a prepared request (the entry point the CLI and servers use)."""
+        self.limits.check(request)
+        hooks = hooks or StepHooks()
+        if cancel is not None:
+            hooks.before_step.setdefault("cancel", cancel.hook)
+        if callback is not None:
+            hooks.after_step.setdefault("callback", callback)
+        try:
+            with torch.inference_mode():
+                return txt2img(self.components, request, hooks)
+        except GenerationCancelled:
+            # The run's tensors are unreachable once the exception leaves the loop; return their memory now.
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            raise
+
+    def __repr__(self) -> str:
+        c = self.components
+        return f"Pipeline(model={c.name!r}, device={c.device}, dtype={c.dtype}, native_size={c.native_size})"

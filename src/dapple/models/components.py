@@ -1,0 +1,65 @@
+"""The components of a Stable Diffusion model, handed to the engine as one object."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+# A1111's "Approx cheap" preview (modules/sd_vae_approx.py): a linear map from SD 1.x's four latent channels
+# (as the UNet sees them, i.e. already multiplied by the VAE scaling factor) to RGB in [-1, 1].
+SD1_LATENT_RGB_FACTORS = (
+    (0.298, 0.207, 0.208),
+    (0.187, 0.286, 0.173),
+    (-0.158, 0.189, 0.264),
+    (-0.184, -0.271, -0.473),
+)
+
+
+@dataclass
+class Components:
+    """Tokenizer, text encoder, UNet, VAE and the noise-schedule config of one model, already on its device."""
+
+    tokenizer: CLIPTokenizer
+    text_encoder: CLIPTextModel
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    scheduler_config: dict[str, Any]
+    name: str = "model"
+    source: str | None = None
+    latent_rgb_factors: tuple[tuple[float, float, float], ...] = field(default=SD1_LATENT_RGB_FACTORS)
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @property
+    def prediction_type(self) -> str:
+        """What the UNet predicts: "epsilon" (SD 1.x, 2.x-base) or "v_prediction" (SD 2.x 768)."""
+        return str(self.scheduler_config.get("prediction_type", "epsilon"))
+
+    @property
+    def latent_scaling_factor(self) -> float:
+        """The VAE latents are multiplied by this so that they have roughly unit variance (0.18215 for SD 1.x)."""
+        return float(self.vae.config.scaling_factor)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent cell along each side (8 for SD)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.unet.config.in_channels)
+
+    @property
+    def native_size(self) -> int:
+        """The image side the UNet was trained at, in pixels (512 for SD 1.x)."""
+        return int(self.unet.config.sample_size) * self.vae_scale_factor

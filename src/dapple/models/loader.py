@@ -1,0 +1,149 @@
+"""Load a diffusers-format model folder (model_index.json + tokenizer/ text_encoder/ unet/ vae/ scheduler/).
+
+Local folders are read with local_files_only, so they never touch the network. A hub id is downloaded through
+huggingface_hub (for users who are online) and then loaded from the local snapshot by the same code.
+Weights load from safetensors; pickle weights need an explicit allow_pickle=True and then go through torch's
+weights_only loader (diffusers and transformers both use it), which refuses arbitrary objects.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import diffusers
+import torch
+import transformers
+
+from dapple.errors import ModelLoadError, PickleRefusedError
+from dapple.models.components import Components
+from dapple.models.devices import resolve_device, resolve_dtype
+from dapple.models.tokenizer import bundled_clip_tokenizer
+
+WEIGHT_COMPONENTS = ("text_encoder", "unet", "vae")
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+_LIBRARIES = {"diffusers": diffusers, "transformers": transformers}
+
+
+def _weight_format(folder: Path) -> str:
+    """'safetensors', 'pickle' or 'none': what weight files a component folder holds."""
+    names = [p.name for p in folder.iterdir()] if folder.is_dir() else []
+    if any(name.endswith(".safetensors") for name in names):
+        return "safetensors"
+    if any(name.endswith(PICKLE_SUFFIXES) for name in names):
+        return "pickle"
+    return "none"
+
+
+def _check_weights(root: Path, allow_pickle: bool) -> bool:
+    """Raise unless every component has loadable weights; return True when pickle loading is needed."""
+    formats = {name: _weight_format(root / name) for name in WEIGHT_COMPONENTS}
+    missing = [name for name, kind in formats.items() if kind == "none"]
+    if missing:
+        raise ModelLoadError(f"{root}: no weights in {', '.join(n + '/' for n in missing)} (expected .safetensors)")
+    pickled = [name for name, kind in formats.items() if kind == "pickle"]
+    if pickled and not allow_pickle:
+        raise PickleRefusedError(
+            f"{root}: {', '.join(n + '/' for n in pickled)} only has pickle weights (.bin/.ckpt/.pt). Pickle files "
+            "can run code when loaded, so Dapple refuses them by default. Convert them to .safetensors, or opt in "
+            "with allow_pickle=True (--allow-pickle), which loads with torch's weights_only mode."
+        )
+    return bool(pickled)
+
+
+def _component_class(index: dict[str, Any], name: str, default: tuple[str, str]) -> type:
+    library, class_name = index.get(name) or default
+    module = _LIBRARIES.get(library)
+    if module is None or not hasattr(module, class_name):
+        raise ModelLoadError(f"model_index.json names {library}.{class_name} for {name}/, which Dapple cannot load")
+    return getattr(module, class_name)
+
+
+def _dtype_kwarg(library_module: Any, dtype: torch.dtype) -> dict[str, torch.dtype]:
+    # transformers 5 renamed torch_dtype to dtype; diffusers still calls it torch_dtype.
+    if library_module is transformers and int(transformers.__version__.split(".")[0]) >= 5:
+        return {"dtype": dtype}
+    return {"torch_dtype": dtype}
+
+
+def _download(hub_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    patterns = ["model_index.json", "*/*.json", "*/*.txt", "*/*.safetensors"]
+    try:
+        return Path(snapshot_download(hub_id, allow_patterns=patterns))
+    except Exception as error:  # the hub's errors vary by version; say what was tried
+        raise ModelLoadError(f"{hub_id!r} is not a local folder and could not be fetched from the hub: {error}")
+
+
+def locate_model(path: str | Path) -> Path:
+    """The local folder for a path or hub id, or a clear error."""
+    folder = Path(path).expanduser()
+    if folder.is_dir():
+        return folder
+    if folder.exists():
+        raise ModelLoadError(f"{path}: is a file; expected a diffusers model folder with model_index.json")
+    if isinstance(path, str) and _HUB_ID.match(path) and not path.startswith("."):
+        return _download(path)
+    raise ModelLoadError(f"model folder {path} does not exist")
+
+
+def load_components(
+    path: str | Path,
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    allow_pickle: bool = False,
+) -> Components:
+    """Load every component of a diffusers model folder onto one device, in one dtype."""
+    root = locate_model(path)
+    index_file = root / "model_index.json"
+    if not index_file.is_file():
+        raise ModelLoadError(
+            f"{root} is not a diffusers model folder: no model_index.json "
+            "(expected model_index.json with tokenizer/, text_encoder/, unet/, vae/, scheduler/)"
+        )
+    try:
+        index = json.loads(index_file.read_text())
+        scheduler_config = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ModelLoadError(f"{root}: unreadable model config: {error}") from None
+    use_pickle = _check_weights(root, allow_pickle)
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+
+    models = {}
+    for name, default in (
+        ("text_encoder", ("transformers", "CLIPTextModel")),
+        ("unet", ("diffusers", "UNet2DConditionModel")),
+        ("vae", ("diffusers", "AutoencoderKL")),
+    ):
+        cls = _component_class(index, name, default)
+        library = transformers if cls.__module__.startswith("transformers") else diffusers
+        try:
+            model = cls.from_pretrained(
+                str(root / name),
+                local_files_only=True,
+                use_safetensors=not use_pickle,
+                **_dtype_kwarg(library, torch_dtype),
+            )
+        except (OSError, ValueError, RuntimeError) as error:
+            raise ModelLoadError(f"{root / name}: could not load {cls.__name__}: {error}") from None
+        models[name] = model.to(torch_device).eval().requires_grad_(False)
+
+    if (root / "tokenizer").is_dir():
+        tokenizer = transformers.CLIPTokenizer.from_pretrained(str(root / "tokenizer"), local_files_only=True)
+    else:
+        tokenizer = bundled_clip_tokenizer()
+    return Components(
+        tokenizer=tokenizer,
+        text_encoder=models["text_encoder"],
+        unet=models["unet"],
+        vae=models["vae"],
+        scheduler_config=scheduler_config,
+        name=root.name if root.name else str(root),
+        source=str(root),
+    )
