@@ -1,0 +1,180 @@
+"""The `dapple` command line (typer). Each command builds Settings from its flags and calls the layers below.
+
+Bad input ends with a one-line `error: ...` on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional
+
+import typer
+from PIL import UnidentifiedImageError
+
+from dapple.errors import DappleError
+from dapple.infotext import parse_infotext
+from dapple.request import GenerationRequest, make_request
+from dapple.settings import Settings
+
+app = typer.Typer(help="Dapple: Stable Diffusion from the command line.", no_args_is_help=True, add_completion=False)
+inspect_app = typer.Typer(help="Look inside the model: tokens (more to come).", no_args_is_help=True)
+app.add_typer(inspect_app, name="inspect")
+
+USAGE_ERROR = 2
+_defaults = GenerationRequest.model_fields
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn the errors a user can cause into one line on stderr and exit code 2."""
+    try:
+        yield
+    except (DappleError, OSError, UnidentifiedImageError, ValueError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(USAGE_ERROR) from None
+
+
+def _quiet_libraries() -> None:
+    """Keep the terminal for Dapple's own output: no per-file progress bars or info logs from the libraries."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Argument(..., help="what to draw"),
+    negative: str = typer.Option(_defaults["negative_prompt"].default, "--negative", "-n", help="what to avoid"),
+    width: Optional[int] = typer.Option(None, help="multiple of 8 in 64..2048 (default: the model's size)"),
+    height: Optional[int] = typer.Option(None, help="multiple of 8 in 64..2048 (default: the model's size)"),
+    steps: int = typer.Option(_defaults["steps"].default, help="sampling steps, 1..150"),
+    guidance: float = typer.Option(_defaults["guidance_scale"].default, "--guidance", "--cfg", help="CFG scale 0..30"),
+    seed: int = typer.Option(_defaults["seed"].default, help="-1 for random; image i uses seed + i"),
+    sampler: str = typer.Option(_defaults["sampler"].default, help="see `dapple samplers`"),
+    batch: int = typer.Option(_defaults["batch_size"].default, help="images per run, 1..16"),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="diffusers model folder"),
+    out: Path = typer.Option(Path("outputs"), help="folder for the PNGs"),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:N, mps (default: best available)"),
+    dtype: Optional[str] = typer.Option(None, help="fp32, fp16, bf16 (default: fp16 on GPU, fp32 on CPU)"),
+    allow_pickle: bool = typer.Option(False, help="allow .bin/.ckpt weights (weights_only loading)"),
+) -> None:
+    """Generate images from a prompt and save them as PNGs with A1111 infotext."""
+    from tqdm import tqdm
+
+    import dapple
+    from dapple.samplers import resolve_sampler
+    from dapple.service.outputs import save_result
+
+    settings = Settings(model=model, device=device, dtype=dtype, output_dir=out, allow_pickle=allow_pickle)
+    with user_errors():
+        # Check everything that needs no model first, so mistakes are reported in a second, not after loading.
+        request = make_request(
+            prompt=prompt, negative_prompt=negative, width=width, height=height, steps=steps,
+            guidance_scale=guidance, seed=seed, sampler=sampler, batch_size=batch,
+        )
+        resolve_sampler(request.sampler)
+        settings.limits.check(request)
+        _quiet_libraries()
+        pipe = dapple.load(settings.model, device=settings.device, dtype=settings.dtype,
+                           allow_pickle=settings.allow_pickle, limits=settings.limits)
+        bars: list[tqdm] = []
+
+        def advance(context: dapple.StepContext) -> None:
+            if not bars:  # the step count is known once the sampler has its timesteps
+                bars.append(tqdm(total=context.total, desc="sampling", unit="step", file=sys.stderr))
+            bars[0].update(1)
+
+        try:
+            result = pipe.run(request, callback=advance)
+        finally:
+            for bar in bars:
+                bar.close()
+        paths = save_result(result, settings.output_dir)
+    timing = result.timings.get("total", 0.0)
+    typer.echo(f"{len(paths)} image(s) in {timing:.1f}s, seeds {', '.join(map(str, result.seeds))}", err=True)
+    for path in paths:
+        typer.echo(str(path))
+
+
+@app.command()
+def samplers() -> None:
+    """List the sampler names, their schedule types and aliases."""
+    from dapple.samplers import SAMPLERS
+
+    for spec in SAMPLERS:
+        kinds = ", ".join(spec.schedule_types)
+        aliases = ", ".join(spec.aliases)
+        typer.echo(f"{spec.name:<14} {spec.class_name:<34} schedule types: {kinds:<32} aliases: {aliases}")
+
+
+@app.command()
+def info(
+    image: Path = typer.Argument(..., help="a PNG made by Dapple or AUTOMATIC1111"),
+    as_json: bool = typer.Option(False, "--json", help="print the parsed parameters as JSON"),
+) -> None:
+    """Print the generation parameters stored in a PNG."""
+    from dapple.service.outputs import read_infotext
+
+    with user_errors():
+        text = read_infotext(image)
+        if text is None:
+            raise DappleError(f"{image} carries no generation parameters (no 'parameters' PNG text chunk)")
+    typer.echo(json.dumps(parse_infotext(text), indent=2, ensure_ascii=False) if as_json else text)
+
+
+@inspect_app.command("tokens")
+def inspect_tokens(
+    text: str = typer.Argument(..., help="a prompt"),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="use this model's tokenizer"),
+) -> None:
+    """Show the token ids a prompt becomes and the token each id stands for."""
+    from transformers import CLIPTokenizer
+
+    from dapple.models.tokenizer import bundled_clip_tokenizer
+
+    with user_errors():
+        if model is not None and not (model / "tokenizer").is_dir():
+            raise DappleError(f"{model} has no tokenizer/ folder")
+        tokenizer = (
+            CLIPTokenizer.from_pretrained(str(model / "tokenizer"), local_files_only=True)
+            if model is not None else bundled_clip_tokenizer()
+        )
+    ids = tokenizer(text, truncation=False).input_ids
+    limit = tokenizer.model_max_length
+    typer.echo(f"{'#':>3}  {'id':>6}  token")
+    for position, token_id in enumerate(ids):
+        marker = "" if position < limit else "  (dropped: beyond the limit)"
+        typer.echo(f"{position:>3}  {token_id:>6}  {tokenizer.convert_ids_to_tokens(token_id)}{marker}")
+    used = min(len(ids), limit)
+    typer.echo(f"{used} of {limit} slots used ({len(ids) - 2} prompt tokens + start and end); {limit - used} padding")
+
+
+@app.command("create-tiny-model")
+def create_tiny_model(
+    folder: Path = typer.Argument(..., help="where to write the model folder"),
+    seed: int = typer.Option(0, help="seed of the random weights"),
+) -> None:
+    """Write a tiny model with random weights (SD 1.x architecture, 64x64): for trying the machinery.
+    Its images are noise."""
+    _quiet_libraries()
+    from dapple.models.tiny import save_tiny_model
+
+    with user_errors():
+        typer.echo(str(save_tiny_model(folder, seed=seed)))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
