@@ -1,0 +1,101 @@
+"""Loading model folders: safetensors by default, pickle refused unless asked, never the network."""
+
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import dapple
+from dapple.errors import ModelLoadError, PickleRefusedError
+from dapple.models.devices import resolve_device, resolve_dtype
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args, **kwargs):
+        raise AssertionError("the network was touched")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+def _pickle_only_copy(source: Path, target: Path) -> Path:
+    """The same model with every .safetensors file rewritten as a torch pickle (.bin)."""
+    shutil.copytree(source, target)
+    for weights in target.rglob("*.safetensors"):
+        name = "pytorch_model.bin" if weights.parent.name == "text_encoder" else "diffusion_pytorch_model.bin"
+        torch.save(load_file(weights), weights.parent / name)
+        weights.unlink()
+    return target
+
+
+def test_local_folder_loads_and_generates_without_the_network(tiny_model_dir, no_network) -> None:
+    pipe = dapple.load(tiny_model_dir, device="cpu")
+    assert pipe.generate("a red circle", steps=1, seed=1).images
+
+
+def test_components_are_exposed(pipe) -> None:
+    c = pipe.components
+    assert pipe.unet is c.unet and pipe.vae is c.vae and pipe.text_encoder is c.text_encoder
+    assert c.prediction_type == "epsilon"
+    assert c.latent_scaling_factor == pytest.approx(0.18215)
+    assert c.vae_scale_factor == 2 and c.native_size == 64
+    assert pipe.scheduler.__class__.__name__ == "DPMSolverMultistepScheduler"
+
+
+def test_pickle_only_folder_is_refused_with_the_way_to_opt_in(tiny_model_dir, tmp_path) -> None:
+    folder = _pickle_only_copy(tiny_model_dir, tmp_path / "pickled")
+    with pytest.raises(PickleRefusedError, match=r"only has pickle weights.*allow_pickle=True.*weights_only"):
+        dapple.load(folder, device="cpu")
+
+
+def test_pickle_opt_in_loads_the_same_model(tiny_model_dir, tmp_path, pipe) -> None:
+    folder = _pickle_only_copy(tiny_model_dir, tmp_path / "pickled")
+    pickled = dapple.load(folder, device="cpu", allow_pickle=True)
+    a = pickled.generate("a red circle", steps=2, seed=9, sampler="Euler").pixels
+    b = pipe.generate("a red circle", steps=2, seed=9, sampler="Euler").pixels
+    assert torch.equal(a, b)
+
+
+def test_missing_folder_is_a_clear_error(tmp_path) -> None:
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        dapple.load(tmp_path / "nowhere")
+
+
+def test_folder_without_model_index_is_a_clear_error(tmp_path) -> None:
+    with pytest.raises(ModelLoadError, match="no model_index.json"):
+        dapple.load(tmp_path)
+
+
+def test_folder_without_weights_is_a_clear_error(tiny_model_dir, tmp_path) -> None:
+    folder = shutil.copytree(tiny_model_dir, tmp_path / "empty")
+    for weights in Path(folder, "unet").glob("*.safetensors"):
+        weights.unlink()
+    with pytest.raises(ModelLoadError, match="no weights in unet/"):
+        dapple.load(folder)
+
+
+def test_no_path_says_what_to_pass() -> None:
+    with pytest.raises(ModelLoadError, match="pass a diffusers model folder"):
+        dapple.load()
+
+
+def test_bundled_tokenizer_is_used_when_the_folder_has_none(tiny_model_dir, tmp_path, pipe) -> None:
+    folder = shutil.copytree(tiny_model_dir, tmp_path / "no_tokenizer")
+    shutil.rmtree(Path(folder, "tokenizer"))
+    bare = dapple.load(folder, device="cpu")
+    assert bare.tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert torch.equal(bare.generate("x", steps=1, seed=2).pixels, pipe.generate("x", steps=1, seed=2).pixels)
+
+
+def test_dtype_follows_the_device() -> None:
+    assert resolve_dtype(None, torch.device("cpu")) == torch.float32
+    assert resolve_dtype(None, torch.device("cuda")) == torch.float16
+    assert resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+    assert resolve_device("cpu").type == "cpu"
+    with pytest.raises(ModelLoadError, match="unknown dtype 'fp8'"):
+        resolve_dtype("fp8", torch.device("cpu"))
