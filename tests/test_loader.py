@@ -99,3 +99,27 @@ def test_dtype_follows_the_device() -> None:
     assert resolve_device("cpu").type == "cpu"
     with pytest.raises(ModelLoadError, match="unknown dtype 'fp8'"):
         resolve_dtype("fp8", torch.device("cpu"))
+
+
+def test_a_hub_id_is_fetched_then_loaded_from_the_local_snapshot(tiny_model_dir, monkeypatch) -> None:
+    import huggingface_hub
+
+    asked = []
+
+    def fake_snapshot_download(repo_id, allow_patterns):
+        asked.append(repo_id)
+        assert "*/*.safetensors" in allow_patterns and not any(p.endswith(".bin") for p in allow_patterns)
+        return str(tiny_model_dir)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    pipe = dapple.load("someone/tiny-sd", device="cpu")
+    assert asked == ["someone/tiny-sd"] and pipe.components.native_size == 64
+
+
+def test_a_relative_path_that_looks_like_a_hub_id_but_exists_is_never_fetched(tiny_model_dir, monkeypatch) -> None:
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: pytest.fail("hub was asked"))
+    monkeypatch.chdir(tiny_model_dir.parent.parent)
+    relative = f"{tiny_model_dir.parent.name}/{tiny_model_dir.name}"
+    assert dapple.load(relative, device="cpu").components.name == "tiny"

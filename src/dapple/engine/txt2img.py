@@ -8,10 +8,11 @@ import time
 from collections.abc import Sequence
 
 import torch
+from PIL import Image
 
 from dapple._version import __version__
 from dapple.engine.conditioning import encode_prompt
-from dapple.engine.hooks import StepHooks
+from dapple.engine.hooks import Previewer, StepHooks
 from dapple.engine.latents import approximate_rgb, decode, seeded_noise, to_pil
 from dapple.engine.loop import denoise
 from dapple.infotext import format_infotext
@@ -27,10 +28,10 @@ def batch_seeds(seed: int, batch_size: int) -> list[int]:
     return [seed + i for i in range(batch_size)]
 
 
-def make_previewer(components: Components):
+def make_previewer(components: Components) -> Previewer:
     """Turn latents into preview images: "cheap" via a linear map, "full" via the VAE decoder."""
 
-    def preview(latents: torch.Tensor, mode: str = "cheap"):
+    def preview(latents: torch.Tensor, mode: str = "cheap") -> list[Image.Image]:
         if mode == "full":
             return to_pil(decode(components.vae, latents, components.latent_scaling_factor))
         if mode == "cheap":

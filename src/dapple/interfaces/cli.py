@@ -33,7 +33,7 @@ def user_errors() -> Iterator[None]:
     """Turn the errors a user can cause into one line on stderr and exit code 2."""
     try:
         yield
-    except (DappleError, OSError, UnidentifiedImageError, ValueError) as error:
+    except (DappleError, OSError, UnidentifiedImageError) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(USAGE_ERROR) from None
 

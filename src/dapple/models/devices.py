@@ -37,3 +37,20 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         return _DTYPES[dtype.lower()]
     except KeyError:
         raise ModelLoadError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}") from None
+
+
+def to_owned_channels_last(module: torch.nn.Module) -> torch.nn.Module:
+    """Copy every weight into memory the module owns, 4-D convolution weights in channels-last (NHWC) layout.
+
+    NHWC lets oneDNN and cuDNN pick faster convolution kernels (the SD VAE decoder runs about a quarter
+    faster on 2 CPU cores). Copying *every* tensor, not only the converted ones, matters: weights loaded from
+    safetensors are views of a memory-mapped file, and one view left behind keeps the whole file mapped, so the
+    file's pages and the converted copies would both count against memory.
+    """
+    with torch.no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            layout = torch.channels_last if tensor.dim() == 4 else torch.contiguous_format
+            owned = torch.empty_like(tensor, memory_format=layout)
+            owned.copy_(tensor)
+            tensor.data = owned
+    return module
