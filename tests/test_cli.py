@@ -84,3 +84,11 @@ def test_png_without_parameters(tmp_path: Path) -> None:
     Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
     result = invoke("info", tmp_path / "plain.png")
     assert result.exit_code == 2 and "carries no generation parameters" in result.stderr
+
+
+def test_a_long_prompt_warns_on_one_line_and_still_generates(tiny_model_dir, tmp_path) -> None:
+    result = invoke("generate", " ".join(["cat"] * 80), "--model", tiny_model_dir, "--out", tmp_path,
+                    "--steps", "1", "--seed", "1")
+    assert result.exit_code == 0
+    assert "warning: prompt has 80 tokens but the text encoder reads 75; the last 5 tokens were dropped" in result.stderr
+    assert (tmp_path / "00000-1.png").exists()

@@ -78,6 +78,24 @@ def test_cancel_stops_between_steps_and_the_pipeline_still_works(pipe) -> None:
     assert pipe.generate(**FAST, seed=1).images  # nothing left half-done
 
 
+def test_a_cancelled_run_releases_its_latents(pipe) -> None:
+    import gc
+    import weakref
+
+    token = dapple.CancelToken()
+    held = []
+
+    def remember_and_cancel(context: dapple.StepContext) -> None:
+        held.append(weakref.ref(context.latents))
+        token.cancel()
+
+    with pytest.raises(GenerationCancelled) as caught:
+        pipe.generate(**{**FAST, "steps": 10}, seed=1, callback=remember_and_cancel, cancel=token)
+    gc.collect()
+    assert caught.value is not None  # the exception is still held here ...
+    assert held and held[0]() is None  # ... and yet the run's latents are gone
+
+
 def test_a_token_cancelled_before_the_run_stops_it_at_once(pipe) -> None:
     token = dapple.CancelToken()
     token.cancel()

@@ -25,6 +25,7 @@ _EXPORTS = {
     "GenerationResult": "dapple.request",
     "Limits": "dapple.request",
     "DappleError": "dapple.errors",
+    "DappleWarning": "dapple.errors",
     "GenerationCancelled": "dapple.errors",
     "InvalidRequestError": "dapple.errors",
     "ModelLoadError": "dapple.errors",
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
     from dapple.api import load
     from dapple.engine.hooks import CancelToken, StepContext, StepHooks
     from dapple.engine.pipeline import Pipeline
-    from dapple.errors import (DappleError, GenerationCancelled, InvalidRequestError, ModelLoadError,
+    from dapple.errors import (DappleError, DappleWarning, GenerationCancelled, InvalidRequestError, ModelLoadError,
                                PickleRefusedError, UnknownSamplerError)
     from dapple.request import GenerationRequest, GenerationResult, Limits
     from dapple.samplers import resolve_sampler, sampler_names

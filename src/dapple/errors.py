@@ -1,6 +1,10 @@
 """Exceptions that Dapple raises on purpose. Each message says what was wrong and what is allowed."""
 
 
+class DappleWarning(UserWarning):
+    """Base of the warnings Dapple gives on purpose: something was done differently from what was asked."""
+
+
 class DappleError(Exception):
     """Base of every error Dapple raises deliberately (interfaces turn these into clean messages)."""
 

@@ -13,8 +13,10 @@ from dataclasses import dataclass
 import torch
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from dapple.errors import DappleWarning
 
-class PromptTruncatedWarning(UserWarning):
+
+class PromptTruncatedWarning(DappleWarning):
     """A prompt had more tokens than the text encoder reads; the rest were dropped."""
 
 

@@ -12,6 +12,7 @@ write that loop by hand (examples/handwritten_loop.py) and get the same image as
 from __future__ import annotations
 
 import gc
+import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -150,8 +151,10 @@ class Pipeline:
         try:
             with torch.inference_mode():
                 return txt2img(self.components, request, hooks)
-        except GenerationCancelled:
-            # The run's tensors are unreachable once the exception leaves the loop; return their memory now.
+        except GenerationCancelled as error:
+            # The traceback's frames still hold the run's latents; clear them so the memory is returned now,
+            # even while the caller keeps the exception.
+            traceback.clear_frames(error.__traceback__)
             gc.collect()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()

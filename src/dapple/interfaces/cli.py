@@ -15,7 +15,7 @@ from typing import Iterator, Optional
 import typer
 from PIL import UnidentifiedImageError
 
-from dapple.errors import DappleError
+from dapple.errors import DappleError, DappleWarning
 from dapple.infotext import parse_infotext
 from dapple.request import GenerationRequest, make_request
 from dapple.settings import Settings
@@ -47,7 +47,6 @@ def _quiet_libraries() -> None:
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
 
 
 @app.command()
@@ -93,11 +92,16 @@ def generate(
                 bars.append(tqdm(total=context.total, desc="sampling", unit="step", file=sys.stderr))
             bars[0].update(1)
 
-        try:
-            result = pipe.run(request, callback=advance)
-        finally:
-            for bar in bars:
-                bar.close()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", DappleWarning)
+            try:
+                result = pipe.run(request, callback=advance)
+            finally:
+                for bar in bars:
+                    bar.close()
+        for warning in caught:
+            if issubclass(warning.category, DappleWarning):
+                typer.echo(f"warning: {warning.message}", err=True)
         paths = save_result(result, settings.output_dir)
     timing = result.timings.get("total", 0.0)
     typer.echo(f"{len(paths)} image(s) in {timing:.1f}s, seeds {', '.join(map(str, result.seeds))}", err=True)
