@@ -1,0 +1,1 @@
+"""Training: the procedural shapes world, the scorer that grades images of it, and (to come) training loops."""
