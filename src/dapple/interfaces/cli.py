@@ -162,6 +162,78 @@ def inspect_tokens(
     typer.echo(f"{used} of {limit} slots used ({len(ids) - 2} prompt tokens + start and end); {limit - used} padding")
 
 
+train_app = typer.Typer(help="Train models: the built-in shapes model (fine-tuning comes later).", no_args_is_help=True)
+eval_app = typer.Typer(help="Evaluate models.", no_args_is_help=True)
+app.add_typer(train_app, name="train")
+app.add_typer(eval_app, name="eval")
+
+
+@train_app.command("builtin")
+def train_builtin(
+    out: Path = typer.Option(Path("runs/builtin"), help="run folder: checkpoint.pt, train.log, model/"),
+    seed: int = typer.Option(0, help="seed of weights, data and noise"),
+    vae_steps: int = typer.Option(4000, help="stage 1 steps"),
+    diffusion_steps: int = typer.Option(30000, help="stage 2 steps"),
+    device: str = typer.Option("cpu", help="cpu or cuda"),
+    stop_after: Optional[int] = typer.Option(None, help="train at most this many steps now, then checkpoint"),
+) -> None:
+    """Train the built-in model on the shapes world. Run the same command again to resume."""
+    _quiet_libraries()
+    from dapple.train.builtin_training import BuiltinTrainer, TrainingConfig
+
+    with user_errors():
+        config = TrainingConfig(seed=seed, vae_steps=vae_steps, diffusion_steps=diffusion_steps)
+        try:
+            trainer = BuiltinTrainer(out, config, device=device)
+        except ValueError as error:  # a checkpoint from other settings
+            raise DappleError(str(error)) from None
+        typer.echo(f"{out}: stage {trainer.stage}, step {trainer.step}", err=True)
+        model = trainer.run(stop_after=stop_after)
+    typer.echo(str(model) if model else f"stopped; checkpoint in {trainer.checkpoint_path}")
+
+
+@eval_app.command("builtin")
+def eval_builtin(
+    model: Path = typer.Option(..., "--model", "-m", help="a model folder trained on the shapes world"),
+    n: int = typer.Option(200, help="held-out images to generate and grade"),
+    steps: int = typer.Option(20),
+    guidance: float = typer.Option(6.0, "--guidance", "--cfg"),
+    sampler: str = typer.Option("DPM++ 2M Karras"),
+    seed: int = typer.Option(0),
+    grid: Optional[Path] = typer.Option(None, help="also save the first 64 images as a labelled-free grid PNG"),
+) -> None:
+    """Generate held-out captions and grade colour, background, shape, size and position by image analysis."""
+    from tqdm import tqdm
+
+    import dapple
+    from dapple.train.evaluate import evaluate_pipeline
+
+    with user_errors():
+        _quiet_libraries()
+        pipe = dapple.load(model)
+        images = []
+        with tqdm(total=n, desc="evaluating", unit="image", file=sys.stderr) as bar:
+
+            def collect(index: int, caption: str, image) -> None:
+                bar.update(1)
+                if index < 64:
+                    images.append(image)
+
+            table = evaluate_pipeline(pipe, n, steps=steps, guidance_scale=guidance, sampler=sampler, seed=seed,
+                                      on_image=collect)
+    typer.echo(table.format())
+    if grid is not None and images:
+        from PIL import Image
+
+        side = images[0].width
+        columns = 8
+        sheet = Image.new("RGB", (columns * side, -(-len(images) // columns) * side))
+        for index, image in enumerate(images):
+            sheet.paste(image, ((index % columns) * side, (index // columns) * side))
+        sheet.save(grid)
+        typer.echo(str(grid))
+
+
 @app.command("create-tiny-model")
 def create_tiny_model(
     folder: Path = typer.Argument(..., help="where to write the model folder"),

@@ -182,3 +182,11 @@ class ShapesWorld:
 
     def scenes(self, start: int, count: int) -> list[Scene]:
         return [self.scene(i) for i in range(start, start + count)]
+
+
+def images_psnr(reference: Image.Image, other: Image.Image) -> float:
+    """Peak signal-to-noise ratio in dB between two 8-bit RGB images."""
+    a = np.asarray(reference, dtype=np.float64)
+    b = np.asarray(other, dtype=np.float64)
+    mse = float(np.mean((a - b) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)

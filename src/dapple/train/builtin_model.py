@@ -1,0 +1,88 @@
+"""The built-in model's architecture: Stable Diffusion's components (AutoencoderKL, a CLIP text encoder with the
+real CLIP tokenizer, UNet2DConditionModel, SD's noise schedule) at toy scale for 64x64 shapes-world images."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from dapple.models.tiny import SD15_SCHEDULER_CONFIG
+from dapple.models.tokenizer import bundled_clip_tokenizer
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Sizes of the three networks. The default is the shipped model; tests use a smaller one."""
+
+    vae_channels: tuple[int, ...] = (32, 64, 64)  # 64 px -> 16x16 latents (factor 4)
+    vae_layers_per_block: int = 1
+    vae_norm_groups: int = 8  # trains the small VAE much faster than SD's 32 groups
+    latent_channels: int = 4
+    text_hidden: int = 64
+    text_layers: int = 2
+    text_heads: int = 4
+    unet_channels: tuple[int, ...] = (64, 128, 128)
+    unet_layers_per_block: int = 1
+    unet_norm_groups: int = 32
+    attention_head_dim: int = 8
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def build_vae(self) -> AutoencoderKL:
+        levels = len(self.vae_channels)
+        return AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=self.latent_channels,
+            block_out_channels=self.vae_channels, layers_per_block=self.vae_layers_per_block,
+            down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
+            norm_num_groups=self.vae_norm_groups, sample_size=64,
+        )
+
+    def build_text_encoder(self) -> CLIPTextModel:
+        tokenizer = bundled_clip_tokenizer()
+        return CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=self.text_hidden, intermediate_size=self.text_hidden * 4,
+            num_hidden_layers=self.text_layers, num_attention_heads=self.text_heads, max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ))
+
+    def build_unet(self) -> UNet2DConditionModel:
+        levels = len(self.unet_channels)
+        # Cross-attention at every level, the full-resolution one included: "left"/"top" must reach every cell.
+        return UNet2DConditionModel(
+            sample_size=64 // 2 ** (len(self.vae_channels) - 1), in_channels=self.latent_channels,
+            out_channels=self.latent_channels, block_out_channels=self.unet_channels,
+            layers_per_block=self.unet_layers_per_block,
+            down_block_types=("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1),
+            cross_attention_dim=self.text_hidden, attention_head_dim=self.attention_head_dim,
+            norm_num_groups=self.unet_norm_groups,
+        )
+
+
+TINY_ARCHITECTURE = Architecture(  # for tests: same shapes of data (16x16x4 latents), a few thousand weights
+    vae_channels=(8, 16, 16), vae_norm_groups=4, text_hidden=16, text_layers=1, text_heads=2,
+    unet_channels=(16, 32), unet_norm_groups=8, attention_head_dim=4,
+)
+
+
+def export_diffusers_folder(
+    folder: Path, vae: AutoencoderKL, text_encoder: CLIPTextModel, unet: UNet2DConditionModel,
+    dtype: torch.dtype = torch.float16,
+) -> Path:
+    """Write the trained networks as a diffusers folder (safetensors in `dtype`) that dapple.load() reads."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    pipeline = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=bundled_clip_tokenizer(), unet=unet,
+        scheduler=PNDMScheduler(**SD15_SCHEDULER_CONFIG), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.to(dtype=dtype)
+    pipeline.save_pretrained(str(folder), safe_serialization=True)
+    return folder

@@ -1,0 +1,307 @@
+"""Train the built-in model from scratch on the shapes world: the VAE first, then text encoder and UNet jointly.
+
+Stage 1, VAE (Kingma & Welling, 2014; SD's AutoencoderKL): reconstruction MSE plus a small KL term, decoding the
+posterior mean. Its latents' standard deviation sets the scaling factor, as in Rombach et al. (2022).
+Stage 2, diffusion (Ho et al., 2020, epsilon prediction on SD's scaled_linear schedule): the text encoder and
+UNet learn together; ~10% of captions are emptied so that classifier-free guidance works (Ho & Salimans, 2022);
+the loss is weighted by min-SNR-gamma (Hang et al., 2023); EMA weights are what gets exported.
+
+Every batch is a pure function of (seed, stage, step), so a run stopped at any point and resumed from its last
+checkpoint continues with exactly the data it would have seen.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from diffusers.training_utils import EMAModel, compute_snr
+from PIL import Image
+from tqdm import tqdm
+
+from dapple.models.tiny import SD15_SCHEDULER_CONFIG
+from dapple.models.tokenizer import bundled_clip_tokenizer
+from dapple.train.builtin_model import Architecture, export_diffusers_folder
+from dapple.train.checkpoint import load_checkpoint, save_checkpoint
+from dapple.train.data.captions import caption_for
+from dapple.train.data.shapes import ShapesWorld
+from dapple.train.evaluate import evaluate_reconstructions
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Every number that decides the weights. The defaults are the shipped recipe."""
+
+    seed: int = 0
+    architecture: Architecture = field(default_factory=Architecture)
+    vae_steps: int = 4000
+    vae_batch_size: int = 32
+    vae_learning_rate: float = 1e-3
+    vae_kl_weight: float = 1e-6
+    diffusion_steps: int = 30000
+    diffusion_batch_size: int = 64
+    diffusion_learning_rate: float = 5e-4
+    warmup_steps: int = 500
+    empty_caption_rate: float = 0.1
+    min_snr_gamma: float = 5.0
+    ema_power: float = 0.75  # EMA warm-up: decay reaches 0.999 after ~10k steps
+    scene_pool: int = 20000  # training scenes encoded once to latents for stage 2
+    checkpoint_every: int = 250
+    log_every: int = 50
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def images_to_tensor(images: list) -> torch.Tensor:
+    """PIL images -> (batch, 3, 64, 64) floats in [-1, 1]."""
+    array = np.stack([np.asarray(image, dtype=np.float32) for image in images]) / 127.5 - 1
+    return torch.from_numpy(array).permute(0, 3, 1, 2)
+
+
+def tensor_to_images(batch: torch.Tensor) -> list[Image.Image]:
+    """(batch, 3, H, W) floats in [-1, 1] -> PIL images."""
+    array = ((batch.detach().cpu().float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+    return [Image.fromarray(image) for image in array.permute(0, 2, 3, 1).numpy()]
+
+
+def _lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up, then cosine decay to a tenth."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+class BuiltinTrainer:
+    """Runs (or resumes) the two stages in `out_dir` and exports the diffusers folder to out_dir/model."""
+
+    def __init__(self, out_dir: str | Path, config: TrainingConfig | None = None, device: str = "cpu") -> None:
+        self.out_dir = Path(out_dir)
+        self.config = config or TrainingConfig()
+        self.device = torch.device(device)
+        self.checkpoint_path = self.out_dir / "checkpoint.pt"
+        self.log_path = self.out_dir / "train.log"
+        arch = self.config.architecture
+        torch.manual_seed(self.config.seed)
+        self.vae = arch.build_vae().to(self.device)
+        self.text_encoder = arch.build_text_encoder().to(self.device)
+        self.unet = arch.build_unet().to(self.device)
+        self.tokenizer = bundled_clip_tokenizer()
+        self.noise_schedule = DDPMScheduler(
+            **{k: v for k, v in SD15_SCHEDULER_CONFIG.items() if k in ("beta_start", "beta_end", "beta_schedule",
+                                                                      "num_train_timesteps", "prediction_type")}
+        )
+        self.stage, self.step = "vae", 0
+        self.vae_optimizer = torch.optim.AdamW(self.vae.parameters(), lr=self.config.vae_learning_rate)
+        self.optimizer = torch.optim.AdamW(
+            [*self.unet.parameters(), *self.text_encoder.parameters()], lr=self.config.diffusion_learning_rate
+        )
+        self.ema_unet = EMAModel(self.unet.parameters(), use_ema_warmup=True, power=self.config.ema_power)
+        self.ema_text = EMAModel(self.text_encoder.parameters(), use_ema_warmup=True, power=self.config.ema_power)
+        self._resume()
+
+    # -- checkpoints ------------------------------------------------------------------------------------------
+    def _state(self) -> dict[str, Any]:
+        return {
+            "config": json.dumps(self.config.as_dict()),
+            "stage": self.stage,
+            "step": self.step,
+            "vae": self.vae.state_dict(),
+            "vae_optimizer": self.vae_optimizer.state_dict(),
+            "scaling_factor": float(self.vae.config.scaling_factor),
+            "text_encoder": self.text_encoder.state_dict(),
+            "unet": self.unet.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "ema_unet": self.ema_unet.state_dict(),
+            "ema_text": self.ema_text.state_dict(),
+        }
+
+    def _resume(self) -> None:
+        state = load_checkpoint(self.checkpoint_path)
+        if state is None:
+            return
+        if json.loads(state["config"]) != json.loads(json.dumps(self.config.as_dict())):
+            raise ValueError(
+                f"{self.checkpoint_path} was written with a different training config; "
+                "use a new output folder or the same settings"
+            )
+        self.stage, self.step = state["stage"], state["step"]
+        self.vae.load_state_dict(state["vae"])
+        self.vae_optimizer.load_state_dict(state["vae_optimizer"])
+        self.vae.register_to_config(scaling_factor=state["scaling_factor"])
+        self.text_encoder.load_state_dict(state["text_encoder"])
+        self.unet.load_state_dict(state["unet"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.ema_unet.load_state_dict(state["ema_unet"])
+        self.ema_text.load_state_dict(state["ema_text"])
+
+    def save(self) -> None:
+        save_checkpoint(self.checkpoint_path, self._state())
+
+    def _log(self, record: dict[str, Any]) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "a") as handle:
+            handle.write(json.dumps({"time": round(time.time(), 1), **record}) + "\n")
+
+    # -- stage 1: the VAE ---------------------------------------------------------------------------------------
+    def vae_batch(self, step: int) -> torch.Tensor:
+        world = ShapesWorld(seed=self.config.seed, split="train")
+        size = self.config.vae_batch_size
+        return images_to_tensor([s.image for s in world.scenes(step * size, size)]).to(self.device)
+
+    def vae_loss(self, step: int) -> torch.Tensor:
+        images = self.vae_batch(step)
+        posterior = self.vae.encode(images).latent_dist
+        reconstruction = self.vae.decode(posterior.mean).sample  # the posterior mean: faster for a small VAE
+        return F.mse_loss(reconstruction, images) + self.config.vae_kl_weight * posterior.kl().mean()
+
+    def vae_step(self, step: int) -> float:
+        loss = self.vae_loss(step)
+        self.vae_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.vae_optimizer.step()
+        return loss.item()
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Scaled latents of images in [-1, 1]."""
+        return self.vae.encode(images).latent_dist.mean * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def reconstruct(self, images: list) -> list:
+        """Encode and decode PIL images through the VAE (posterior mean), back to PIL."""
+        decoded = self.vae.decode(self.vae.encode(images_to_tensor(images).to(self.device)).latent_dist.mean).sample
+        return tensor_to_images(decoded)
+
+    @torch.no_grad()
+    def set_scaling_factor(self) -> float:
+        """1 / std of the latents, so the diffusion model sees unit-variance data (SD's 0.18215 came so)."""
+        world = ShapesWorld(seed=self.config.seed + 1, split="train")
+        images = images_to_tensor([s.image for s in world.scenes(0, 512)]).to(self.device)
+        latents = self.vae.encode(images).latent_dist.mean
+        factor = float(1.0 / latents.std())
+        self.vae.register_to_config(scaling_factor=factor)
+        return factor
+
+    # -- stage 2: text encoder + UNet ---------------------------------------------------------------------------
+    def scene_pool(self) -> tuple[list, torch.Tensor]:
+        world = ShapesWorld(seed=self.config.seed, split="train")
+        specs, latents = [], []
+        for start in range(0, self.config.scene_pool, 256):
+            scenes = world.scenes(start, min(256, self.config.scene_pool - start))
+            specs += [s.spec for s in scenes]
+            latents.append(self.encode(images_to_tensor([s.image for s in scenes]).to(self.device)))
+        return specs, torch.cat(latents)
+
+    def diffusion_batch(self, step: int, specs: list, latents: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
+        rng = random.Random(f"{self.config.seed}:diffusion:{step}")
+        picks = [rng.randrange(len(specs)) for _ in range(self.config.diffusion_batch_size)]
+        captions = ["" if rng.random() < self.config.empty_caption_rate else caption_for(specs[i], rng) for i in picks]
+        return latents[picks], captions
+
+    def diffusion_loss(self, step: int, specs: list, pool: torch.Tensor) -> torch.Tensor:
+        """The min-SNR-weighted epsilon loss on the batch of `step` (fixed noise and timesteps per step)."""
+        latents, captions = self.diffusion_batch(step, specs, pool)
+        generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + step)
+        noise = torch.randn(latents.shape, generator=generator).to(self.device)
+        timesteps = torch.randint(0, self.noise_schedule.config.num_train_timesteps, (latents.shape[0],),
+                                  generator=generator).to(self.device)
+        noisy = self.noise_schedule.add_noise(latents, noise, timesteps)
+        ids = self.tokenizer(captions, padding="max_length", max_length=77, truncation=True,
+                             return_tensors="pt").input_ids.to(self.device)
+        text = self.text_encoder(ids)[0]
+        prediction = self.unet(noisy, timesteps, encoder_hidden_states=text).sample
+        per_sample = F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3))
+        snr = compute_snr(self.noise_schedule, timesteps)
+        weights = torch.clamp(snr, max=self.config.min_snr_gamma) / snr  # min-SNR-gamma for epsilon targets
+        return (weights * per_sample).mean()
+
+    def diffusion_step(self, step: int, specs: list, pool: torch.Tensor) -> float:
+        loss = self.diffusion_loss(step, specs, pool)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.config.diffusion_learning_rate * _lr_factor(
+                step, self.config.warmup_steps, self.config.diffusion_steps)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([*self.unet.parameters(), *self.text_encoder.parameters()], 1.0)
+        self.optimizer.step()
+        self.ema_unet.step(self.unet.parameters())
+        self.ema_text.step(self.text_encoder.parameters())
+        return loss.item()
+
+    # -- the whole run ---------------------------------------------------------------------------------------------
+    def _loop(self, name: str, total: int, step_fn, progress: bool) -> bool:
+        """Run steps self.step..total of a stage; return False if the run's step budget ran out first."""
+        bar = tqdm(total=total, initial=self.step, desc=name, unit="step", disable=not progress, dynamic_ncols=True)
+        running = None
+        try:
+            while self.step < total:
+                if self._budget is not None and self._budget <= 0:
+                    return False
+                loss = step_fn(self.step)
+                running = loss if running is None else 0.98 * running + 0.02 * loss
+                self.step += 1
+                if self._budget is not None:
+                    self._budget -= 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{running:.4f}")
+                if self.step % self.config.log_every == 0 or self.step == total:
+                    self._log({"stage": name, "step": self.step, "loss": loss, "smoothed_loss": running})
+                if self.step % self.config.checkpoint_every == 0:
+                    self.save()
+        finally:
+            bar.close()
+        return True
+
+    def run(self, *, progress: bool = True, stop_after: int | None = None) -> Path | None:
+        """Train what is left, export out_dir/model, and return its path.
+
+        stop_after: train at most this many steps in this call, save a checkpoint and return None if the run is
+        not finished by then (how tests and impatient people split a run)."""
+        torch.set_grad_enabled(True)
+        self._budget = stop_after
+        if self.stage == "vae":
+            self.vae.train()
+            if not self._loop("vae", self.config.vae_steps, self.vae_step, progress):
+                self.save()
+                return None
+            self.vae.eval()
+            factor = self.set_scaling_factor()
+            psnr, table = evaluate_reconstructions(self.reconstruct)
+            self._log({"stage": "vae", "event": "done", "scaling_factor": factor, "psnr": psnr,
+                       "scorer_on_reconstructions": {name: value for name, value, _ in table.rows()}})
+            if progress:
+                print(f"VAE: held-out reconstruction PSNR {psnr:.1f} dB; scorer on reconstructions:\n{table.format()}")
+            self.stage, self.step = "diffusion", 0
+            self.save()
+        if self.stage == "diffusion":
+            self.vae.eval().requires_grad_(False)
+            specs, pool = self.scene_pool()
+            self.unet.train()
+            self.text_encoder.train()
+            step_fn = lambda step: self.diffusion_step(step, specs, pool)  # noqa: E731
+            if not self._loop("diffusion", self.config.diffusion_steps, step_fn, progress):
+                self.save()
+                return None
+            self.stage = "done"
+            self.save()
+        return self.export(self.out_dir / "model")
+
+    def export(self, folder: Path, dtype: torch.dtype = torch.float16) -> Path:
+        """Write the EMA weights as a diffusers folder."""
+        unet, text_encoder = copy.deepcopy(self.unet), copy.deepcopy(self.text_encoder)
+        self.ema_unet.copy_to(unet.parameters())
+        self.ema_text.copy_to(text_encoder.parameters())
+        vae = copy.deepcopy(self.vae)
+        return export_diffusers_folder(folder, vae.cpu().eval(), text_encoder.cpu().eval(), unet.cpu().eval(), dtype)

@@ -1,0 +1,69 @@
+"""A short training run on a tiny configuration: the loss goes down, a stopped run resumes exactly."""
+
+import torch
+
+import dapple
+from dapple.train.builtin_model import TINY_ARCHITECTURE
+from dapple.train.builtin_training import BuiltinTrainer, TrainingConfig
+
+CONFIG = TrainingConfig(
+    architecture=TINY_ARCHITECTURE, vae_steps=40, vae_batch_size=8, vae_learning_rate=3e-3,
+    diffusion_steps=40, diffusion_batch_size=16, diffusion_learning_rate=2e-3, warmup_steps=5,
+    scene_pool=128, checkpoint_every=7, log_every=10,
+)
+PROBE = 10**6  # a batch index no run reaches: a fixed held-aside batch to measure the loss on
+
+
+def test_training_lowers_the_loss_and_exports_a_loadable_model(tmp_path) -> None:
+    trainer = BuiltinTrainer(tmp_path / "run", CONFIG)
+    with torch.no_grad():
+        vae_before = trainer.vae_loss(PROBE).item()
+    assert trainer.run(progress=False, stop_after=CONFIG.vae_steps) is None  # stops right after stage 1
+    with torch.no_grad():
+        vae_after = trainer.vae_loss(PROBE).item()
+    assert vae_after < 0.7 * vae_before
+
+    trainer = BuiltinTrainer(tmp_path / "run", CONFIG)  # resumes at the start of stage 2
+    assert trainer.stage == "diffusion" and trainer.step == 0
+    specs, pool = trainer.scene_pool()
+    with torch.no_grad():
+        before = sum(trainer.diffusion_loss(PROBE + i, specs, pool).item() for i in range(4))
+    model_dir = trainer.run(progress=False)
+    with torch.no_grad():
+        after = sum(trainer.diffusion_loss(PROBE + i, specs, pool).item() for i in range(4))
+    assert after < before
+
+    pipe = dapple.load(model_dir, device="cpu")
+    assert pipe.generate("a red circle on a blue background", steps=2, seed=1).images[0].size == (64, 64)
+    assert (tmp_path / "run" / "train.log").read_text().count('"stage": "diffusion"') >= 4
+
+
+def test_a_stopped_run_resumes_to_the_same_weights(tmp_path) -> None:
+    config = TrainingConfig(**{**CONFIG.__dict__, "vae_steps": 6, "diffusion_steps": 12})
+    straight = BuiltinTrainer(tmp_path / "straight", config)
+    straight.run(progress=False)
+
+    interrupted = BuiltinTrainer(tmp_path / "interrupted", config)
+    interrupted.run(progress=False, stop_after=4)  # mid-VAE
+    resumed = BuiltinTrainer(tmp_path / "interrupted", config)
+    assert (resumed.stage, resumed.step) == ("vae", 4)
+    resumed.run(progress=False, stop_after=9)  # finishes the VAE, stops mid-diffusion
+    resumed = BuiltinTrainer(tmp_path / "interrupted", config)
+    assert resumed.stage == "diffusion" and resumed.step > 0
+    resumed.run(progress=False)
+
+    for name, tensor in straight.unet.state_dict().items():
+        assert torch.equal(tensor, resumed.unet.state_dict()[name]), name
+    for name, tensor in straight.vae.state_dict().items():
+        assert torch.equal(tensor, resumed.vae.state_dict()[name]), name
+
+
+def test_resuming_with_another_config_is_refused(tmp_path) -> None:
+    BuiltinTrainer(tmp_path / "run", CONFIG).run(progress=False, stop_after=1)
+    other = TrainingConfig(**{**CONFIG.__dict__, "seed": 1})
+    try:
+        BuiltinTrainer(tmp_path / "run", other)
+    except ValueError as error:
+        assert "different training config" in str(error)
+    else:
+        raise AssertionError("a different config was accepted")
