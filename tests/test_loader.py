@@ -23,10 +23,10 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(socket, "create_connection", refuse)
 
 
-def _pickle_only_copy(source: Path, target: Path) -> Path:
-    """The same model with every .safetensors file rewritten as a torch pickle (.bin)."""
+def _pickle_only_copy(source: Path, target: Path, components: tuple[str, ...] = ("text_encoder", "unet", "vae")) -> Path:
+    """The same model with the components' .safetensors files rewritten as torch pickles (.bin)."""
     shutil.copytree(source, target)
-    for weights in target.rglob("*.safetensors"):
+    for weights in [w for name in components for w in (target / name).glob("*.safetensors")]:
         name = "pytorch_model.bin" if weights.parent.name == "text_encoder" else "diffusion_pytorch_model.bin"
         torch.save(load_file(weights), weights.parent / name)
         weights.unlink()
@@ -59,6 +59,14 @@ def test_pickle_opt_in_loads_the_same_model(tiny_model_dir, tmp_path, pipe) -> N
     a = pickled.generate("a red circle", steps=2, seed=9, sampler="Euler").pixels
     b = pipe.generate("a red circle", steps=2, seed=9, sampler="Euler").pixels
     assert torch.equal(a, b)
+
+
+def test_a_folder_with_one_pickled_component_loads_the_others_from_safetensors(tiny_model_dir, tmp_path, pipe) -> None:
+    folder = _pickle_only_copy(tiny_model_dir, tmp_path / "mixed", components=("unet",))
+    with pytest.raises(PickleRefusedError, match="unet/ only has pickle weights"):
+        dapple.load(folder, device="cpu")
+    mixed = dapple.load(folder, device="cpu", allow_pickle=True)
+    assert torch.equal(mixed.generate("x", steps=1, seed=3).pixels, pipe.generate("x", steps=1, seed=3).pixels)
 
 
 def test_missing_folder_is_a_clear_error(tmp_path) -> None:

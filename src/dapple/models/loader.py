@@ -38,8 +38,8 @@ def _weight_format(folder: Path) -> str:
     return "none"
 
 
-def _check_weights(root: Path, allow_pickle: bool) -> bool:
-    """Raise unless every component has loadable weights; return True when pickle loading is needed."""
+def _check_weights(root: Path, allow_pickle: bool) -> dict[str, str]:
+    """Raise unless every component has loadable weights; return each component's weight format."""
     formats = {name: _weight_format(root / name) for name in WEIGHT_COMPONENTS}
     missing = [name for name, kind in formats.items() if kind == "none"]
     if missing:
@@ -51,7 +51,7 @@ def _check_weights(root: Path, allow_pickle: bool) -> bool:
             "can run code when loaded, so Dapple refuses them by default. Convert them to .safetensors, or opt in "
             "with allow_pickle=True (--allow-pickle), which loads with torch's weights_only mode."
         )
-    return bool(pickled)
+    return formats
 
 
 def _component_class(index: dict[str, Any], name: str, default: tuple[str, str]) -> type:
@@ -111,7 +111,7 @@ def load_components(
         scheduler_config = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise ModelLoadError(f"{root}: unreadable model config: {error}") from None
-    use_pickle = _check_weights(root, allow_pickle)
+    weight_formats = _check_weights(root, allow_pickle)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
 
@@ -127,7 +127,7 @@ def load_components(
             model = cls.from_pretrained(
                 str(root / name),
                 local_files_only=True,
-                use_safetensors=not use_pickle,
+                use_safetensors=weight_formats[name] == "safetensors",
                 **_dtype_kwarg(library, torch_dtype),
             )
         except (OSError, ValueError, RuntimeError) as error:
