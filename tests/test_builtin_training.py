@@ -34,6 +34,7 @@ def test_training_lowers_the_loss_and_exports_a_loadable_model(tmp_path) -> None
     assert after < before
 
     pipe = dapple.load(model_dir, device="cpu")
+    assert {"circle", "left", "background"} <= pipe.components.vocabulary
     assert pipe.generate("a red circle on a blue background", steps=2, seed=1).images[0].size == (64, 64)
     assert (tmp_path / "run" / "train.log").read_text().count('"stage": "diffusion"') >= 4
 

@@ -144,3 +144,22 @@ def test_the_request_schema_carries_the_bounds() -> None:
     schema = GenerationRequest.model_json_schema()["properties"]
     assert schema["steps"]["minimum"] == 1 and schema["steps"]["maximum"] == 150
     assert schema["batch_size"]["maximum"] == 16
+
+
+def test_words_outside_a_models_vocabulary_are_named_in_a_warning(tiny_model_dir, tmp_path) -> None:
+    import shutil
+    import warnings
+
+    from dapple.engine.conditioning import UnknownWordsWarning
+    from dapple.models.vocabulary import write_vocabulary
+
+    folder = shutil.copytree(tiny_model_dir, tmp_path / "closed_world")
+    write_vocabulary(folder, ["a", "red", "circle", "on", "blue", "background"])
+    closed = dapple.load(folder, device="cpu")
+    with pytest.warns(UnknownWordsWarning, match=r"never saw the words 'dog', 'sunny' .*it knows: a, background"):
+        result = closed.generate("a red dog on a sunny blue background", steps=1, seed=1)
+    assert result.images  # still generates
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", dapple.DappleWarning)
+        closed.generate("A red circle, on a blue background", steps=1, seed=1)  # case and commas are fine
+        dapple.load(tiny_model_dir, device="cpu").generate("a dog", steps=1, seed=1)  # no vocabulary: no check

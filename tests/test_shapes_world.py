@@ -69,3 +69,13 @@ def test_held_out_combinations_never_appear_in_training() -> None:
 def test_unknown_split_is_an_error() -> None:
     with pytest.raises(ValueError, match="unknown split 'test'"):
         ShapesWorld(split="test")
+
+
+def test_the_caption_vocabulary_covers_every_caption() -> None:
+    from dapple.models.vocabulary import unknown_words
+    from dapple.train.data.captions import caption_vocabulary
+
+    vocabulary = frozenset(caption_vocabulary())
+    for scene in ShapesWorld(seed=2, split="all").scenes(0, 300):
+        assert unknown_words(scene.caption, vocabulary) == []
+        assert unknown_words(canonical_caption(scene.spec), vocabulary) == []

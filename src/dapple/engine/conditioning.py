@@ -14,10 +14,28 @@ import torch
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from dapple.errors import DappleWarning
+from dapple.models.vocabulary import unknown_words
 
 
 class PromptTruncatedWarning(DappleWarning):
     """A prompt had more tokens than the text encoder reads; the rest were dropped."""
+
+
+class UnknownWordsWarning(DappleWarning):
+    """A prompt used words the model never saw in training (only models that ship a vocabulary say so)."""
+
+
+def warn_unknown_words(prompt: str, negative_prompt: str, vocabulary: frozenset[str] | None) -> None:
+    if vocabulary is None:
+        return
+    unknown = unknown_words(f"{prompt} {negative_prompt}", vocabulary)
+    if unknown:
+        warnings.warn(
+            f"this model never saw the words {', '.join(repr(w) for w in unknown)} in training and will ignore "
+            f"their meaning; it knows: {', '.join(sorted(vocabulary))}",
+            UnknownWordsWarning,
+            stacklevel=3,
+        )
 
 
 @dataclass

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from dapple._version import __version__
-from dapple.engine.conditioning import encode_prompt
+from dapple.engine.conditioning import encode_prompt, warn_unknown_words
 from dapple.engine.hooks import Previewer, StepHooks
 from dapple.engine.latents import approximate_rgb, decode, seeded_noise, to_pil
 from dapple.engine.loop import denoise
@@ -76,6 +76,7 @@ def txt2img(components: Components, request: GenerationRequest, hooks: StepHooks
     seeds = batch_seeds(request.seed, request.batch_size)
 
     # 1. Encode the prompt and the negative prompt.
+    warn_unknown_words(request.prompt, request.negative_prompt, components.vocabulary)
     clock = time.perf_counter()
     conditioning = encode_prompt(
         components.tokenizer,

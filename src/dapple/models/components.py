@@ -31,6 +31,7 @@ class Components:
     name: str = "model"
     source: str | None = None
     latent_rgb_factors: tuple[tuple[float, float, float], ...] = field(default=SD1_LATENT_RGB_FACTORS)
+    vocabulary: frozenset[str] | None = None  # the words a closed-world model was trained on (None: not known)
 
     @property
     def device(self) -> torch.device:

@@ -21,6 +21,7 @@ from dapple.errors import ModelLoadError, PickleRefusedError
 from dapple.models.components import Components
 from dapple.models.devices import resolve_device, resolve_dtype, to_owned_channels_last
 from dapple.models.tokenizer import bundled_clip_tokenizer
+from dapple.models.vocabulary import read_vocabulary
 
 WEIGHT_COMPONENTS = ("text_encoder", "unet", "vae")
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
@@ -148,5 +149,6 @@ def load_components(
         vae=models["vae"],
         scheduler_config=scheduler_config,
         name=root.name if root.name else str(root),
+        vocabulary=read_vocabulary(root),
         source=str(root),
     )

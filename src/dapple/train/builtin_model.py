@@ -12,6 +12,8 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from dapple.models.tiny import SD15_SCHEDULER_CONFIG
 from dapple.models.tokenizer import bundled_clip_tokenizer
+from dapple.models.vocabulary import write_vocabulary
+from dapple.train.data.captions import caption_vocabulary
 
 
 @dataclass(frozen=True)
@@ -85,4 +87,5 @@ def export_diffusers_folder(
     )
     pipeline.to(dtype=dtype)
     pipeline.save_pretrained(str(folder), safe_serialization=True)
+    write_vocabulary(folder, caption_vocabulary())
     return folder

@@ -61,3 +61,13 @@ def parse_caption(caption: str) -> dict[str, str]:
             found["position"] = position
             break
     return found
+
+
+def caption_vocabulary() -> list[str]:
+    """Every word a shapes-world caption can contain (what the built-in model was trained to read)."""
+    from dapple.train.data.shapes import COLOURS, POSITIONS, SHAPES, SIZES
+
+    words = {"a", "at", "the", "in", "on", "background", "with"}
+    for phrase in [*COLOURS, *SHAPES, *SIZES, *POSITIONS]:
+        words.update(phrase.split())
+    return sorted(words)
