@@ -87,9 +87,19 @@ def test_folder_without_weights_is_a_clear_error(tiny_model_dir, tmp_path) -> No
         dapple.load(folder)
 
 
-def test_no_path_says_what_to_pass() -> None:
+def test_no_path_says_what_to_pass(monkeypatch, tmp_path) -> None:
+    import dapple.api
+
+    monkeypatch.setattr(dapple.api, "BUILTIN_MODEL_DIR", tmp_path / "not_shipped")
     with pytest.raises(ModelLoadError, match="pass a diffusers model folder"):
         dapple.load()
+
+
+def test_no_path_loads_the_builtin_folder_when_it_ships(monkeypatch, tiny_model_dir) -> None:
+    import dapple.api
+
+    monkeypatch.setattr(dapple.api, "BUILTIN_MODEL_DIR", tiny_model_dir)
+    assert dapple.load(device="cpu").components.source == str(tiny_model_dir)
 
 
 def test_bundled_tokenizer_is_used_when_the_folder_has_none(tiny_model_dir, tmp_path, pipe) -> None:
