@@ -103,6 +103,7 @@ class BuiltinTrainer:
                                                                       "num_train_timesteps", "prediction_type")}
         )
         self.stage, self.step = "vae", 0
+        self._budget: int | None = None  # steps this run() call may still take (None: no limit)
         self.vae_optimizer = torch.optim.AdamW(self.vae.parameters(), lr=self.config.vae_learning_rate)
         self.optimizer = torch.optim.AdamW(
             [*self.unet.parameters(), *self.text_encoder.parameters()], lr=self.config.diffusion_learning_rate
