@@ -20,7 +20,9 @@ from dapple.train.data.captions import caption_vocabulary
 class Architecture:
     """Sizes of the three networks. The default is the shipped model; tests use a smaller one."""
 
-    vae_channels: tuple[int, ...] = (32, 64, 64)  # 64 px -> 16x16 latents (factor 4)
+    # 64 px -> 16x16 latents (factor 4). (16, 32, 64) beat (32, 64, 64) at equal CPU time: 29.7 vs 27.4 dB
+    # held-out PSNR after ~30 single-thread minutes (1300 vs 500 steps of batch 32).
+    vae_channels: tuple[int, ...] = (16, 32, 64)
     vae_layers_per_block: int = 1
     vae_norm_groups: int = 8  # trains the small VAE much faster than SD's 32 groups
     latent_channels: int = 4
