@@ -92,3 +92,10 @@ def test_a_long_prompt_warns_on_one_line_and_still_generates(tiny_model_dir, tmp
     assert result.exit_code == 0
     assert "warning: prompt has 80 tokens but the text encoder reads 75; the last 5 tokens were dropped" in result.stderr
     assert (tmp_path / "00000-1.png").exists()
+
+
+def test_inspect_tokens_uses_a_models_tokenizer(tiny_model_dir, tmp_path) -> None:
+    result = invoke("inspect", "tokens", "a photo of a cat", "--model", tiny_model_dir)
+    assert result.exit_code == 0 and result.stdout.splitlines()[6].split() == ["5", "2368", "cat</w>"]
+    missing = invoke("inspect", "tokens", "x", "--model", tmp_path / "nowhere")
+    assert missing.exit_code == 2 and "does not exist" in missing.stderr

@@ -95,10 +95,8 @@ class Pipeline:
     ) -> torch.Tensor:
         """Unit-variance seeded noise in latent space; multiply by scheduler.init_noise_sigma to start."""
         seeds = [seeds] if isinstance(seeds, int) else list(seeds)
-        factor = self.components.vae_scale_factor
-        width = width or self.components.native_size
-        height = height or self.components.native_size
-        shape = (self.components.latent_channels, height // factor, width // factor)
+        native = self.components.native_size
+        shape = self.components.latent_shape(width or native, height or native)
         noise, _ = seeded_noise(seeds, shape, device=self.device, dtype=self.dtype)
         return noise
 

@@ -93,9 +93,7 @@ def txt2img(components: Components, request: GenerationRequest, hooks: StepHooks
     scheduler.set_timesteps(request.steps, device=components.device)
 
     # 3. Initial latents: seeded noise at the scheduler's starting noise level.
-    factor = components.vae_scale_factor
-    shape = (components.latent_channels, height // factor, width // factor)
-    noise, generators = seeded_noise(seeds, shape, device=components.device, dtype=components.dtype)
+    noise, generators = seeded_noise(seeds, components.latent_shape(width, height), device=components.device, dtype=components.dtype)
     latents = noise * scheduler.init_noise_sigma
 
     # 4. Denoise.

@@ -141,17 +141,12 @@ def inspect_tokens(
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="use this model's tokenizer"),
 ) -> None:
     """Show the token ids a prompt becomes and the token each id stands for."""
-    from transformers import CLIPTokenizer
-
-    from dapple.models.tokenizer import bundled_clip_tokenizer
+    from dapple.models.tokenizer import bundled_clip_tokenizer, folder_tokenizer
 
     with user_errors():
-        if model is not None and not (model / "tokenizer").is_dir():
-            raise DappleError(f"{model} has no tokenizer/ folder")
-        tokenizer = (
-            CLIPTokenizer.from_pretrained(str(model / "tokenizer"), local_files_only=True)
-            if model is not None else bundled_clip_tokenizer()
-        )
+        if model is not None and not model.is_dir():
+            raise DappleError(f"model folder {model} does not exist")
+        tokenizer = folder_tokenizer(model) if model is not None else bundled_clip_tokenizer()
     ids = tokenizer(text, truncation=False).input_ids
     limit = tokenizer.model_max_length
     typer.echo(f"{'#':>3}  {'id':>6}  token")

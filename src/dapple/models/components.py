@@ -60,6 +60,11 @@ class Components:
     def latent_channels(self) -> int:
         return int(self.unet.config.in_channels)
 
+    def latent_shape(self, width: int, height: int) -> tuple[int, int, int]:
+        """(channels, height, width) of the latents for an image of width x height pixels."""
+        factor = self.vae_scale_factor
+        return (self.latent_channels, height // factor, width // factor)
+
     @property
     def native_size(self) -> int:
         """The image side the UNet was trained at, in pixels (512 for SD 1.x)."""

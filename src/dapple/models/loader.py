@@ -20,7 +20,7 @@ import transformers
 from dapple.errors import ModelLoadError, PickleRefusedError
 from dapple.models.components import Components
 from dapple.models.devices import resolve_device, resolve_dtype, to_owned_channels_last
-from dapple.models.tokenizer import bundled_clip_tokenizer
+from dapple.models.tokenizer import folder_tokenizer
 from dapple.models.vocabulary import read_vocabulary
 
 WEIGHT_COMPONENTS = ("text_encoder", "unet", "vae")
@@ -138,12 +138,8 @@ def load_components(
             model = to_owned_channels_last(model)  # a quarter faster decoding, no extra memory once loaded
         models[name] = model
 
-    if (root / "tokenizer").is_dir():
-        tokenizer = transformers.CLIPTokenizer.from_pretrained(str(root / "tokenizer"), local_files_only=True)
-    else:
-        tokenizer = bundled_clip_tokenizer()
     return Components(
-        tokenizer=tokenizer,
+        tokenizer=folder_tokenizer(root),
         text_encoder=models["text_encoder"],
         unet=models["unet"],
         vae=models["vae"],

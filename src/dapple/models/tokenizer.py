@@ -15,6 +15,13 @@ def _load_bundled() -> CLIPTokenizer:
     return CLIPTokenizer.from_pretrained(str(BUNDLED_TOKENIZER_DIR), local_files_only=True)
 
 
+def folder_tokenizer(model_folder: Path) -> CLIPTokenizer:
+    """The tokenizer of a diffusers model folder, or the bundled CLIP tokenizer when it has no tokenizer/."""
+    if (Path(model_folder) / "tokenizer").is_dir():
+        return CLIPTokenizer.from_pretrained(str(Path(model_folder) / "tokenizer"), local_files_only=True)
+    return bundled_clip_tokenizer()
+
+
 def bundled_clip_tokenizer() -> CLIPTokenizer:
     """OpenAI CLIP's BPE tokenizer (49408 tokens, 77 positions, pad = <|endoftext|>) as SD 1.x uses it."""
     return _load_bundled()

@@ -287,6 +287,9 @@ class BuiltinTrainer:
             self.stage, self.step = "diffusion", 0
             self.save()
         if self.stage == "diffusion":
+            if self._budget is not None and self._budget <= 0:  # encoding the pool takes minutes: skip it
+                self.save()
+                return None
             self.vae.eval().requires_grad_(False)
             specs, pool = self.scene_pool()
             self.unet.train()
