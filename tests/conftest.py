@@ -30,3 +30,15 @@ def reference_pipe(tiny_model_dir: Path):
     )
     reference.set_progress_bar_config(disable=True)
     return reference
+
+
+@pytest.fixture(scope="session")
+def inpaint_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random inpainting model: its UNet takes 9 channels (latents, mask, masked-image latents)."""
+    return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny-inpaint", seed=1, unet_in_channels=9)
+
+
+@pytest.fixture(scope="session")
+def depth_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random depth model: its UNet takes 5 channels (latents, depth), the SD 2 depth layout."""
+    return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny-depth", seed=2, unet_in_channels=5)

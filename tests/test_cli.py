@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from dapple.interfaces.cli import app
@@ -61,10 +62,19 @@ def test_samplers_lists_every_registered_sampler() -> None:
         (["generate", "x"], "no model given"),
         (["info", "/nonexistent.png"], "No such file or directory"),
         (["generate", "x", "--model", "TINY", "--dtype", "fp7"], "unknown dtype 'fp7'"),
+        (["generate", "x", "--hires-scale", "5"], "hires_scale=5.0 is invalid"),
+        (["img2img", "/nonexistent.png", "x", "--model", "TINY"], "init_image file '/nonexistent.png' does not exist"),
+        (["img2img", "IMAGE", "x", "--strength", "1.5"], "strength=1.5 is invalid"),
+        (["inpaint", "IMAGE", "BLACK", "x", "--model", "TINY"], "nothing to inpaint"),
+        (["outpaint", "IMAGE", "x", "--left", "10"], "outpaint_left=10 is invalid"),
+        (["depth2img", "IMAGE", "IMAGE", "x", "--model", "TINY"], "depth_map needs a depth model"),
     ],
 )
-def test_bad_input_is_one_line_and_exit_code_2(args, message, tiny_model_dir) -> None:
-    result = invoke(*[str(tiny_model_dir) if a == "TINY" else a for a in args])
+def test_bad_input_is_one_line_and_exit_code_2(args, message, tiny_model_dir, tmp_path) -> None:
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "image.png")
+    Image.new("L", (64, 64), 0).save(tmp_path / "black.png")
+    paths = {"TINY": tiny_model_dir, "IMAGE": tmp_path / "image.png", "BLACK": tmp_path / "black.png"}
+    result = invoke(*[str(paths.get(a, a)) for a in args])
     assert result.exit_code == 2
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]  # exactly one line
     assert result.stderr.startswith("error: ") and message in result.stderr
@@ -99,3 +109,25 @@ def test_inspect_tokens_uses_a_models_tokenizer(tiny_model_dir, tmp_path) -> Non
     assert result.exit_code == 0 and result.stdout.splitlines()[6].split() == ["5", "2368", "cat</w>"]
     missing = invoke("inspect", "tokens", "x", "--model", tmp_path / "nowhere")
     assert missing.exit_code == 2 and "does not exist" in missing.stderr
+
+
+def test_image_mode_commands_write_pngs_with_their_parameters(tiny_model_dir, tmp_path) -> None:
+    Image.new("RGB", (64, 64), (200, 40, 40)).save(tmp_path / "in.png")
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 32, 64))
+    mask.save(tmp_path / "mask.png")
+    common = ["--model", tiny_model_dir, "--out", tmp_path / "out", "--seed", "5", "--steps", "4"]
+    runs = {
+        "img2img": (["img2img", tmp_path / "in.png", "a cat", "--strength", "0.5"], "Denoising strength: 0.5"),
+        "inpaint": (["inpaint", tmp_path / "in.png", tmp_path / "mask.png", "a cat", "--mask-blur", "2"],
+                    "Mask blur: 2"),
+        "outpaint": (["outpaint", tmp_path / "in.png", "a cat", "--right", "16"], "Outpaint: right=16"),
+        "hires": (["generate", "a cat", "--hires-scale", "1.5", "--hires-steps", "2"], "Hires upscale: 1.5"),
+    }
+    sizes = {"img2img": (64, 64), "inpaint": (64, 64), "outpaint": (80, 64), "hires": (96, 96)}
+    for name, (args, entry) in runs.items():
+        result = invoke(*args, *common)
+        assert result.exit_code == 0, result.output
+        path = result.stdout.strip().splitlines()[-1]
+        assert entry in read_infotext(path) and Image.open(path).size == sizes[name]
+    assert "hires" in result.stderr  # the second pass has its own progress bar

@@ -23,6 +23,7 @@ _EXPORTS = {
     "StepHooks": "dapple.engine.hooks",
     "GenerationRequest": "dapple.request",
     "GenerationResult": "dapple.request",
+    "Hires": "dapple.request",
     "Limits": "dapple.request",
     "DappleError": "dapple.errors",
     "DappleWarning": "dapple.errors",
@@ -42,7 +43,7 @@ if TYPE_CHECKING:
     from dapple.engine.pipeline import Pipeline
     from dapple.errors import (DappleError, DappleWarning, GenerationCancelled, InvalidRequestError, ModelLoadError,
                                PickleRefusedError, UnknownSamplerError)
-    from dapple.request import GenerationRequest, GenerationResult, Limits
+    from dapple.request import GenerationRequest, GenerationResult, Hires, Limits
     from dapple.samplers import resolve_sampler, sampler_names
 
 

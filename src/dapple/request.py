@@ -9,12 +9,37 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dapple.errors import InvalidRequestError
 
 DEFAULT_SAMPLER = "DPM++ 2M Karras"
 MAX_SEED = 2**32 - 1
+
+RESIZE_MODES = ("just resize", "crop and resize", "resize and fill")  # A1111's resize_mode 0, 1, 2
+INPAINTING_FILLS = ("fill", "original", "latent noise", "latent nothing")  # A1111's inpainting_fill 0..3
+# A1111's hires upscaler names: latent-space interpolations, and pixel-space resampling.
+LATENT_UPSCALERS = {
+    "Latent": ("bilinear", False),
+    "Latent (antialiased)": ("bilinear", True),
+    "Latent (bicubic)": ("bicubic", False),
+    "Latent (bicubic antialiased)": ("bicubic", True),
+    "Latent (nearest)": ("nearest", False),
+    "Latent (nearest-exact)": ("nearest-exact", False),
+}
+PIXEL_UPSCALERS = ("Lanczos", "Nearest")
+HIRES_UPSCALERS = (*LATENT_UPSCALERS, *PIXEL_UPSCALERS)
+
+
+def _choose(value: Any, allowed: tuple[str, ...], name: str) -> str:
+    """Accept a choice by name (any case) or by A1111's index."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(allowed):
+        return allowed[value]
+    if isinstance(value, str):
+        for option in allowed:
+            if option.lower() == value.strip().lower():
+                return option
+    raise ValueError(f"{name} must be one of {', '.join(repr(a) for a in allowed)} (or its index)")
 
 
 class GenerationRequest(BaseModel):
@@ -32,6 +57,75 @@ class GenerationRequest(BaseModel):
     sampler: str = Field(DEFAULT_SAMPLER, min_length=1, description="A1111 name, e.g. 'Euler a', 'DPM++ 2M Karras'")
     batch_size: int = Field(1, ge=1, le=16)
 
+    # -- image modes (img2img, inpaint, outpaint, depth2img): images are PIL images, arrays, paths or bytes --
+    init_image: Any = Field(None, description="img2img/inpaint/outpaint/depth2img: the image to start from")
+    strength: float = Field(0.75, ge=0.0, le=1.0, description="denoising strength: 0 keeps the image, 1 ignores it")
+    resize_mode: str = Field("just resize", description="fitting an init image of another size: " + ", ".join(RESIZE_MODES))
+    mask: Any = Field(None, description="inpaint: white = repaint, black = keep (or an alpha channel)")
+    mask_blur: int = Field(4, ge=0, le=64, description="pixels of soft edge where the repainted area is pasted back")
+    invert_mask: bool = False
+    inpainting_fill: str = Field("original", description="masked content: " + ", ".join(INPAINTING_FILLS))
+    paste_back: bool = Field(True, description="inpaint: keep the original pixels outside the mask exactly")
+    outpaint_left: int = Field(0, ge=0, le=1024, multiple_of=8)
+    outpaint_right: int = Field(0, ge=0, le=1024, multiple_of=8)
+    outpaint_top: int = Field(0, ge=0, le=1024, multiple_of=8)
+    outpaint_bottom: int = Field(0, ge=0, le=1024, multiple_of=8)
+    depth_map: Any = Field(None, description="depth2img: image or (H, W) array, brighter/larger = nearer")
+
+    # -- hires fix (txt2img only) ------------------------------------------------------------------------
+    hires_scale: float = Field(1.0, ge=1.0, le=4.0, description="> 1 turns on hires fix: final size = size x scale")
+    hires_upscaler: str = Field("Latent", description="one of " + ", ".join(HIRES_UPSCALERS))
+    hires_steps: int = Field(0, ge=0, le=150, description="second-pass steps; 0: the same as steps")
+    hires_strength: float = Field(0.7, ge=0.0, le=1.0, description="second-pass denoising strength")
+
+    @field_validator("resize_mode", mode="before")
+    @classmethod
+    def _resize_mode(cls, value: Any) -> str:
+        return _choose(value, RESIZE_MODES, "resize_mode")
+
+    @field_validator("inpainting_fill", mode="before")
+    @classmethod
+    def _inpainting_fill(cls, value: Any) -> str:
+        return _choose(value, INPAINTING_FILLS, "inpainting_fill")
+
+    @field_validator("hires_upscaler", mode="before")
+    @classmethod
+    def _hires_upscaler(cls, value: Any) -> str:
+        return _choose(value, HIRES_UPSCALERS, "hires_upscaler")
+
+    @model_validator(mode="after")
+    def _inputs_fit_the_mode(self) -> "GenerationRequest":
+        if self.init_image is None:
+            for name in ("mask", "depth_map"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name} needs init_image, the image it applies to")
+            if self.outpaints:
+                raise ValueError("outpainting needs init_image, the image to extend")
+        elif self.hires_scale > 1:
+            raise ValueError("hires fix (hires_scale > 1) is for text-to-image; leave init_image empty")
+        if self.mask is not None and self.outpaints:
+            raise ValueError("give either a mask (inpaint) or outpaint sides; outpainting makes its own mask")
+        if self.depth_map is not None and (self.mask is not None or self.outpaints):
+            raise ValueError("depth_map cannot be combined with inpainting or outpainting")
+        return self
+
+    @property
+    def outpaints(self) -> bool:
+        return any((self.outpaint_left, self.outpaint_right, self.outpaint_top, self.outpaint_bottom))
+
+    @property
+    def mode(self) -> str:
+        """txt2img, img2img, inpaint, outpaint or depth2img, from the inputs given."""
+        if self.init_image is None:
+            return "txt2img"
+        if self.outpaints:
+            return "outpaint"
+        if self.mask is not None:
+            return "inpaint"
+        if self.depth_map is not None:
+            return "depth2img"
+        return "img2img"
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -41,17 +135,31 @@ class Limits:
     max_height: int = 2048
     max_steps: int = 150
     max_batch_size: int = 16
+    max_image_pixels: int = 4096 * 4096  # input images larger than this are refused before decoding
 
     def check(self, request: GenerationRequest) -> None:
-        """Raise InvalidRequestError for the first field that exceeds these limits."""
+        """Raise InvalidRequestError for the first field that exceeds these limits (hires fix's final size
+        included; sizes that depend on an input image are checked once it is open)."""
+        scale = request.hires_scale
         for name, value, limit in (
             ("width", request.width, self.max_width),
             ("height", request.height, self.max_height),
             ("steps", request.steps, self.max_steps),
+            ("hires_steps", request.hires_steps, self.max_steps),
             ("batch_size", request.batch_size, self.max_batch_size),
+            ("width x hires_scale", request.width and int(request.width * scale), self.max_width),
+            ("height x hires_scale", request.height and int(request.height * scale), self.max_height),
         ):
             if value is not None and value > limit:
                 raise InvalidRequestError(f"{name}={value} exceeds this server's limit; allowed: at most {limit}")
+
+    def check_size(self, width: int, height: int, what: str = "output") -> None:
+        """Refuse an output size (an outpainted canvas, an init image's size) beyond the limits."""
+        if width > self.max_width or height > self.max_height:
+            raise InvalidRequestError(
+                f"{what} size {width}x{height} exceeds this server's limit; allowed: at most "
+                f"{self.max_width}x{self.max_height}"
+            )
 
 
 def _allowed(field_name: str) -> str:
@@ -74,9 +182,17 @@ def describe_validation_error(error: ValidationError) -> str:
     """One line per bad field: the field, the value, what was wrong and what is allowed."""
     lines = []
     for item in error.errors():
-        name = ".".join(str(part) for part in item["loc"]) or "request"
-        value = item.get("input")
-        lines.append(f"{name}={value!r} is invalid ({item['msg']}); allowed: {_allowed(str(item['loc'][0]))}")
+        message = str(item["msg"]).removeprefix("Value error, ")
+        if not item["loc"]:  # a rule across fields (e.g. a mask without an image)
+            lines.append(f"invalid request: {message}")
+            continue
+        name = ".".join(str(part) for part in item["loc"])
+        value = repr(item.get("input"))
+        value = value if len(value) <= 60 else value[:57] + "..."
+        if item["type"] == "value_error":  # our own validators already say what is allowed
+            lines.append(f"{name}={value} is invalid: {message}")
+        else:
+            lines.append(f"{name}={value} is invalid ({message}); allowed: {_allowed(str(item['loc'][0]))}")
     return "; ".join(lines)
 
 
@@ -86,6 +202,35 @@ def make_request(**fields: Any) -> GenerationRequest:
         return GenerationRequest(**fields)
     except ValidationError as error:
         raise InvalidRequestError(describe_validation_error(error)) from None
+
+
+@dataclass(frozen=True)
+class Hires:
+    """Hires fix settings for Pipeline.generate(hires=...): A1111's hr_scale, hr_upscaler, hr_second_pass_steps
+    and denoising_strength."""
+
+    scale: float = 2.0
+    upscaler: str = "Latent"
+    steps: int = 0  # 0: the same as the first pass
+    strength: float = 0.7
+
+    @classmethod
+    def coerce(cls, value: "Hires | float | dict") -> "Hires":
+        if isinstance(value, Hires):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return cls(scale=float(value))
+        if isinstance(value, dict):
+            unknown = set(value) - {"scale", "upscaler", "steps", "strength"}
+            if unknown:
+                raise InvalidRequestError(f"hires has unknown keys {sorted(unknown)}; allowed: scale, upscaler, "
+                                          "steps, strength")
+            return cls(**value)
+        raise InvalidRequestError(f"hires={value!r} is invalid; allowed: a scale, a dict or dapple.Hires")
+
+    def request_fields(self) -> dict[str, Any]:
+        return {"hires_scale": self.scale, "hires_upscaler": self.upscaler, "hires_steps": self.steps,
+                "hires_strength": self.strength}
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Extension points of the denoise loop: named hooks that run before and after every step.
 
-Progress bars, previews, cancellation and (later) inpaint mask blending are all hooks; the loop itself knows
+Progress bars, previews, cancellation and inpaint mask blending are all hooks; the loop itself knows
 none of them. A hook receives the StepContext and may replace `context.latents`.
 """
 
@@ -32,6 +32,7 @@ class StepContext:
     latents: torch.Tensor
     denoised: torch.Tensor | None = None
     previewer: Previewer | None = None
+    phase: str = "sampling"  # which pass of the run: "sampling", or "hires" for hires fix's second pass
 
     @property
     def step(self) -> int:

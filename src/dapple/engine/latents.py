@@ -10,17 +10,41 @@ from diffusers import AutoencoderKL
 from PIL import Image
 
 
+def make_generators(seeds: Sequence[int]) -> list[torch.Generator]:
+    """One CPU generator per image, so that a seed gives the same image on any device and image i of a batch
+    equals a single run with seed + i. Every random draw of a run (VAE posterior samples, initial noise, the
+    stochastic samplers' noise) comes from these, in diffusers' order."""
+    return [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
+
+
+def draw_noise(
+    generators: Sequence[torch.Generator], shape: tuple[int, int, int], *, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """Standard normal noise (batch, *shape), image i drawn from generators[i]."""
+    noise = torch.cat([torch.randn((1, *shape), generator=g, dtype=torch.float32) for g in generators])
+    return noise.to(device=device, dtype=dtype)
+
+
 def seeded_noise(
     seeds: Sequence[int], shape: tuple[int, int, int], *, device: torch.device, dtype: torch.dtype
 ) -> tuple[torch.Tensor, list[torch.Generator]]:
-    """Standard normal noise, one CPU generator per image, so a seed gives the same image on any device.
+    """Noise and the generators it came from, whose state has advanced past the draw: stochastic samplers
+    continue from them, as diffusers' pipelines do with a list of generators."""
+    generators = make_generators(seeds)
+    return draw_noise(generators, shape, device=device, dtype=dtype), generators
 
-    Returns the noise (batch, *shape) and the generators, whose state has advanced past the draw: stochastic
-    samplers continue from them, as diffusers' pipelines do with a list of generators.
-    """
-    generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
-    noise = torch.cat([torch.randn((1, *shape), generator=g, dtype=torch.float32) for g in generators])
-    return noise.to(device=device, dtype=dtype), generators
+
+def encode(
+    vae: AutoencoderKL, images: torch.Tensor, generators: Sequence[torch.Generator], scaling_factor: float
+) -> torch.Tensor:
+    """Scaled latents of images in [-1, 1]: one posterior sample per image, image i drawn from generators[i]
+    (diffusers' retrieve_latents with sample_mode="sample"). A single image is shared by the whole batch."""
+    images = images.to(device=vae.device, dtype=vae.dtype)
+    latents = [
+        vae.encode(images[min(i, len(images) - 1)][None]).latent_dist.sample(generator=generator)
+        for i, generator in enumerate(generators)
+    ]
+    return torch.cat(latents) * scaling_factor
 
 
 def decode(vae: AutoencoderKL, latents: torch.Tensor, scaling_factor: float) -> torch.Tensor:

@@ -1,9 +1,11 @@
-"""The one denoise loop every mode runs (txt2img now; img2img, inpaint, hires fix compose around it).
+"""The one denoise loop every mode runs (txt2img, img2img, inpaint, outpaint, depth2img and hires fix compose
+around it).
 
 Each step: scale the latents for the sampler, predict the noise with the UNet (conditional and unconditional
 halves in one batched call), mix them with classifier-free guidance (Ho & Salimans, 2022, eq. 6:
 eps = eps_uncond + w * (eps_cond - eps_uncond)), and let the diffusers scheduler take the step.
-Modes differ only in the latents, timesteps and hooks they pass in.
+Modes differ only in the latents, timesteps and hooks they pass in, and in the extra input channels an inpainting
+(mask + masked-image latents) or depth (depth map) UNet takes beside the latents.
 """
 
 from __future__ import annotations
@@ -46,20 +48,29 @@ def denoise(
     generators: Sequence[torch.Generator] | None = None,
     hooks: StepHooks | None = None,
     previewer: Previewer | None = None,
+    extra_channels: torch.Tensor | None = None,
+    phase: str = "sampling",
 ) -> torch.Tensor:
-    """Run the sampler over `timesteps` (default: the scheduler's) and return the final latents."""
+    """Run the sampler over `timesteps` (default: the scheduler's) and return the final latents.
+
+    extra_channels: (batch, C, h, w) appended to the scaled latents on every UNet call, as diffusers' inpaint and
+    depth2img pipelines do. phase names this pass for the hooks ("sampling", "hires")."""
     hooks = hooks or StepHooks()
     timesteps = scheduler.timesteps if timesteps is None else timesteps
     encoder_states = conditioning.unet_batch
     step_kwargs = _step_kwargs(scheduler, generators)
     total = len(timesteps)
+    if extra_channels is not None and conditioning.uses_guidance:
+        extra_channels = torch.cat([extra_channels] * 2)
     for index, t in enumerate(timesteps):
-        context = StepContext(index, total, t, latents, previewer=previewer)
+        context = StepContext(index, total, t, latents, previewer=previewer, phase=phase)
         hooks.run_before(context)
         latents = context.latents
 
         model_input = torch.cat([latents] * 2) if conditioning.uses_guidance else latents
         model_input = scheduler.scale_model_input(model_input, t)
+        if extra_channels is not None:
+            model_input = torch.cat([model_input, extra_channels.to(model_input.dtype)], dim=1)
         noise_pred = unet(model_input, t, encoder_hidden_states=encoder_states, return_dict=False)[0]
         if conditioning.uses_guidance:
             noise_uncond, noise_cond = noise_pred.chunk(2)

@@ -23,10 +23,10 @@ from PIL import Image
 from dapple.engine.conditioning import Conditioning, encode_prompt
 from dapple.engine.hooks import CancelToken, StepContext, StepHooks
 from dapple.engine.latents import decode, seeded_noise, to_pil
-from dapple.engine.txt2img import txt2img
+from dapple.engine.modes import run_request
 from dapple.errors import GenerationCancelled
 from dapple.models.components import Components
-from dapple.request import DEFAULT_SAMPLER, GenerationRequest, GenerationResult, Limits, make_request
+from dapple.request import DEFAULT_SAMPLER, GenerationRequest, GenerationResult, Hires, Limits, make_request
 from dapple.samplers import create_scheduler
 
 StepCallback = Callable[[StepContext], None]
@@ -118,16 +118,64 @@ class Pipeline:
         sampler: str | None = None,
         batch_size: int | None = None,
         *,
+        hires: Hires | float | dict | None = None,
         callback: StepCallback | None = None,
         cancel: CancelToken | None = None,
     ) -> GenerationResult:
         """Text-to-image. Arguments left as None take GenerationRequest's defaults (20 steps, CFG 7,
-        "DPM++ 2M Karras", random seed, the model's native size). `callback` is called after every step with
-        a StepContext (step, total, latents, denoised, preview()); `cancel` stops the run between steps."""
+        "DPM++ 2M Karras", random seed, the model's native size). `hires` turns on hires fix: a scale (2.0), a
+        Hires(scale, upscaler, steps, strength) or a dict of those. `callback` is called after every step with
+        a StepContext (step, total, latents, denoised, preview(), phase); `cancel` stops the run between steps."""
         fields: dict[str, Any] = {
             "negative_prompt": negative_prompt, "width": width, "height": height, "steps": steps,
             "guidance_scale": guidance_scale, "seed": seed, "sampler": sampler, "batch_size": batch_size,
         }
+        if hires is not None:
+            fields.update(Hires.coerce(hires).request_fields())
+        return self._request(prompt, fields, callback, cancel)
+
+    def img2img(
+        self, image: Any, prompt: str = "", *, strength: float | None = None, resize_mode: str | None = None,
+        callback: StepCallback | None = None, cancel: CancelToken | None = None, **options: Any,
+    ) -> GenerationResult:
+        """Redraw `image` (PIL image, array, path or bytes) after the prompt. strength 0..1 (default 0.75) is how
+        much changes: int(steps * strength) steps run. Other options are GenerationRequest fields."""
+        fields = {"init_image": image, "strength": strength, "resize_mode": resize_mode, **options}
+        return self._request(prompt, fields, callback, cancel)
+
+    def inpaint(
+        self, image: Any, mask: Any, prompt: str = "", *, strength: float | None = None,
+        mask_blur: int | None = None, inpainting_fill: str | None = None, invert_mask: bool | None = None,
+        paste_back: bool | None = None, callback: StepCallback | None = None, cancel: CancelToken | None = None,
+        **options: Any,
+    ) -> GenerationResult:
+        """Repaint the white area of `mask` (or its opaque area, for a mask with transparency)."""
+        fields = {"init_image": image, "mask": mask, "strength": strength, "mask_blur": mask_blur,
+                  "inpainting_fill": inpainting_fill, "invert_mask": invert_mask, "paste_back": paste_back,
+                  **options}
+        return self._request(prompt, fields, callback, cancel)
+
+    def outpaint(
+        self, image: Any, prompt: str = "", *, left: int = 0, right: int = 0, top: int = 0, bottom: int = 0,
+        strength: float | None = None, callback: StepCallback | None = None, cancel: CancelToken | None = None,
+        **options: Any,
+    ) -> GenerationResult:
+        """Extend `image` by the given pixels (multiples of 8) on each side and draw the new area."""
+        fields = {"init_image": image, "outpaint_left": left, "outpaint_right": right, "outpaint_top": top,
+                  "outpaint_bottom": bottom, "strength": strength, **options}
+        return self._request(prompt, fields, callback, cancel)
+
+    def depth2img(
+        self, image: Any, depth_map: Any = None, prompt: str = "", *, strength: float | None = None,
+        callback: StepCallback | None = None, cancel: CancelToken | None = None, **options: Any,
+    ) -> GenerationResult:
+        """Depth-guided img2img for depth models (5-channel UNet): depth_map is an image or (H, W) array,
+        brighter/larger = nearer. Without one, components.depth_estimator is asked, if one is plugged in."""
+        fields = {"init_image": image, "depth_map": depth_map, "strength": strength, **options}
+        return self._request(prompt, fields, callback, cancel)
+
+    def _request(self, prompt: str, fields: dict[str, Any], callback: StepCallback | None,
+                 cancel: CancelToken | None) -> GenerationResult:
         request = make_request(prompt=prompt, **{k: v for k, v in fields.items() if v is not None})
         return self.run(request, callback=callback, cancel=cancel)
 
@@ -148,7 +196,7 @@ class Pipeline:
             hooks.after_step.setdefault("callback", callback)
         try:
             with torch.inference_mode():
-                return txt2img(self.components, request, hooks)
+                return run_request(self.components, request, hooks, self.limits)
         except GenerationCancelled as error:
             # The traceback's frames still hold the run's latents; clear them so the memory is returned now,
             # even while the caller keeps the exception.

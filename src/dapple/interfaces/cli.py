@@ -49,24 +49,30 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-@app.command()
-def generate(
-    prompt: str = typer.Argument(..., help="what to draw"),
-    negative: str = typer.Option(_defaults["negative_prompt"].default, "--negative", "-n", help="what to avoid"),
-    width: Optional[int] = typer.Option(None, help="multiple of 8 in 64..2048 (default: the model's size)"),
-    height: Optional[int] = typer.Option(None, help="multiple of 8 in 64..2048 (default: the model's size)"),
-    steps: int = typer.Option(_defaults["steps"].default, help="sampling steps, 1..150"),
-    guidance: float = typer.Option(_defaults["guidance_scale"].default, "--guidance", "--cfg", help="CFG scale 0..30"),
-    seed: int = typer.Option(_defaults["seed"].default, help="-1 for random; image i uses seed + i"),
-    sampler: str = typer.Option(_defaults["sampler"].default, help="see `dapple samplers`"),
-    batch: int = typer.Option(_defaults["batch_size"].default, help="images per run, 1..16"),
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="diffusers model folder"),
-    out: Path = typer.Option(Path("outputs"), help="folder for the PNGs"),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:N, mps (default: best available)"),
-    dtype: Optional[str] = typer.Option(None, help="fp32, fp16, bf16 (default: fp16 on GPU, fp32 on CPU)"),
-    allow_pickle: bool = typer.Option(False, help="allow .bin/.ckpt weights (weights_only loading)"),
-) -> None:
-    """Generate images from a prompt and save them as PNGs with A1111 infotext."""
+class GenerationOptions:
+    """The options every generating command shares, declared once."""
+
+    negative = typer.Option(_defaults["negative_prompt"].default, "--negative", "-n", help="what to avoid")
+    width = typer.Option(None, help="multiple of 8 in 64..2048 (default: the model's size, or the image's)")
+    height = typer.Option(None, help="multiple of 8 in 64..2048 (default: the model's size, or the image's)")
+    steps = typer.Option(_defaults["steps"].default, help="sampling steps, 1..150")
+    guidance = typer.Option(_defaults["guidance_scale"].default, "--guidance", "--cfg", help="CFG scale 0..30")
+    seed = typer.Option(_defaults["seed"].default, help="-1 for random; image i uses seed + i")
+    sampler = typer.Option(_defaults["sampler"].default, help="see `dapple samplers`")
+    batch = typer.Option(_defaults["batch_size"].default, help="images per run, 1..16")
+    model = typer.Option(None, "--model", "-m", help="diffusers model folder (default: the built-in model)")
+    out = typer.Option(Path("outputs"), help="folder for the PNGs")
+    device = typer.Option(None, help="cpu, cuda, cuda:N, mps (default: best available)")
+    dtype = typer.Option(None, help="fp32, fp16, bf16 (default: fp16 on GPU, fp32 on CPU)")
+    allow_pickle = typer.Option(False, help="allow .bin/.ckpt weights (weights_only loading)")
+    strength = typer.Option(_defaults["strength"].default, help="denoising strength 0..1: how much changes")
+    resize_mode = typer.Option(_defaults["resize_mode"].default, help="just resize | crop and resize | resize and fill")
+    mask_blur = typer.Option(_defaults["mask_blur"].default, help="soft edge of the pasted-back area, pixels")
+
+
+def _run_and_save(fields: dict, *, model: Optional[Path], out: Path, device: Optional[str], dtype: Optional[str],
+                  allow_pickle: bool) -> None:
+    """Validate a request, load the model, generate with a progress bar per pass, save PNGs, print their paths."""
     from tqdm import tqdm
 
     import dapple
@@ -76,28 +82,25 @@ def generate(
     settings = Settings(model=model, device=device, dtype=dtype, output_dir=out, allow_pickle=allow_pickle)
     with user_errors():
         # Check everything that needs no model first, so mistakes are reported in a second, not after loading.
-        request = make_request(
-            prompt=prompt, negative_prompt=negative, width=width, height=height, steps=steps,
-            guidance_scale=guidance, seed=seed, sampler=sampler, batch_size=batch,
-        )
+        request = make_request(**fields)
         resolve_sampler(request.sampler)
         settings.limits.check(request)
         _quiet_libraries()
         pipe = dapple.load(settings.model, device=settings.device, dtype=settings.dtype,
                            allow_pickle=settings.allow_pickle, limits=settings.limits)
-        bars: list[tqdm] = []
+        bars: dict[str, tqdm] = {}
 
         def advance(context: dapple.StepContext) -> None:
-            if not bars:  # the step count is known once the sampler has its timesteps
-                bars.append(tqdm(total=context.total, desc="sampling", unit="step", file=sys.stderr))
-            bars[0].update(1)
+            if context.phase not in bars:  # the step count is known once the sampler has its timesteps
+                bars[context.phase] = tqdm(total=context.total, desc=context.phase, unit="step", file=sys.stderr)
+            bars[context.phase].update(1)
 
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", DappleWarning)
             try:
                 result = pipe.run(request, callback=advance)
             finally:
-                for bar in bars:
+                for bar in bars.values():
                     bar.close()
         for warning in caught:
             if issubclass(warning.category, DappleWarning):
@@ -107,6 +110,149 @@ def generate(
     typer.echo(f"{len(paths)} image(s) in {timing:.1f}s, seeds {', '.join(map(str, result.seeds))}", err=True)
     for path in paths:
         typer.echo(str(path))
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Argument(..., help="what to draw"),
+    negative: str = GenerationOptions.negative,
+    width: Optional[int] = GenerationOptions.width,
+    height: Optional[int] = GenerationOptions.height,
+    steps: int = GenerationOptions.steps,
+    guidance: float = GenerationOptions.guidance,
+    seed: int = GenerationOptions.seed,
+    sampler: str = GenerationOptions.sampler,
+    batch: int = GenerationOptions.batch,
+    hires_scale: float = typer.Option(1.0, help="hires fix: > 1 upscales by this factor and redraws (1..4)"),
+    hires_upscaler: str = typer.Option("Latent", help="Latent, Latent (antialiased), Latent (bicubic), "
+                                       "Latent (bicubic antialiased), Latent (nearest), Latent (nearest-exact), "
+                                       "Lanczos, Nearest"),
+    hires_steps: int = typer.Option(0, help="hires fix second-pass steps (0: the same as --steps)"),
+    hires_strength: float = typer.Option(0.7, help="hires fix second-pass denoising strength 0..1"),
+    model: Optional[Path] = GenerationOptions.model,
+    out: Path = GenerationOptions.out,
+    device: Optional[str] = GenerationOptions.device,
+    dtype: Optional[str] = GenerationOptions.dtype,
+    allow_pickle: bool = GenerationOptions.allow_pickle,
+) -> None:
+    """Generate images from a prompt and save them as PNGs with A1111 infotext."""
+    fields = dict(prompt=prompt, negative_prompt=negative, width=width, height=height, steps=steps,
+                  guidance_scale=guidance, seed=seed, sampler=sampler, batch_size=batch, hires_scale=hires_scale,
+                  hires_upscaler=hires_upscaler, hires_steps=hires_steps, hires_strength=hires_strength)
+    _run_and_save(fields, model=model, out=out, device=device, dtype=dtype, allow_pickle=allow_pickle)
+
+
+@app.command()
+def img2img(
+    image: Path = typer.Argument(..., help="the picture to start from"),
+    prompt: str = typer.Argument(..., help="what to turn it into"),
+    strength: float = GenerationOptions.strength,
+    resize_mode: str = GenerationOptions.resize_mode,
+    negative: str = GenerationOptions.negative,
+    width: Optional[int] = GenerationOptions.width,
+    height: Optional[int] = GenerationOptions.height,
+    steps: int = GenerationOptions.steps,
+    guidance: float = GenerationOptions.guidance,
+    seed: int = GenerationOptions.seed,
+    sampler: str = GenerationOptions.sampler,
+    batch: int = GenerationOptions.batch,
+    model: Optional[Path] = GenerationOptions.model,
+    out: Path = GenerationOptions.out,
+    device: Optional[str] = GenerationOptions.device,
+    dtype: Optional[str] = GenerationOptions.dtype,
+    allow_pickle: bool = GenerationOptions.allow_pickle,
+) -> None:
+    """Redraw an image after a prompt; --strength 0..1 sets how much changes (int(steps x strength) steps run)."""
+    fields = dict(prompt=prompt, init_image=image, strength=strength, resize_mode=resize_mode,
+                  negative_prompt=negative, width=width, height=height, steps=steps, guidance_scale=guidance,
+                  seed=seed, sampler=sampler, batch_size=batch)
+    _run_and_save(fields, model=model, out=out, device=device, dtype=dtype, allow_pickle=allow_pickle)
+
+
+@app.command()
+def inpaint(
+    image: Path = typer.Argument(..., help="the picture to change"),
+    mask: Path = typer.Argument(..., help="white = repaint, black = keep (or the opaque part of a transparent PNG)"),
+    prompt: str = typer.Argument(..., help="what to draw in the masked area"),
+    strength: float = GenerationOptions.strength,
+    mask_blur: int = GenerationOptions.mask_blur,
+    invert_mask: bool = typer.Option(False, help="repaint the black area instead"),
+    fill: str = typer.Option("original", "--fill", help="masked content: fill | original | latent noise | "
+                             "latent nothing"),
+    resize_mode: str = GenerationOptions.resize_mode,
+    negative: str = GenerationOptions.negative,
+    width: Optional[int] = GenerationOptions.width,
+    height: Optional[int] = GenerationOptions.height,
+    steps: int = GenerationOptions.steps,
+    guidance: float = GenerationOptions.guidance,
+    seed: int = GenerationOptions.seed,
+    sampler: str = GenerationOptions.sampler,
+    batch: int = GenerationOptions.batch,
+    model: Optional[Path] = GenerationOptions.model,
+    out: Path = GenerationOptions.out,
+    device: Optional[str] = GenerationOptions.device,
+    dtype: Optional[str] = GenerationOptions.dtype,
+    allow_pickle: bool = GenerationOptions.allow_pickle,
+) -> None:
+    """Repaint the masked area of an image after a prompt; the rest keeps its original pixels."""
+    fields = dict(prompt=prompt, init_image=image, mask=mask, strength=strength, mask_blur=mask_blur,
+                  invert_mask=invert_mask, inpainting_fill=fill, resize_mode=resize_mode, negative_prompt=negative,
+                  width=width, height=height, steps=steps, guidance_scale=guidance, seed=seed, sampler=sampler,
+                  batch_size=batch)
+    _run_and_save(fields, model=model, out=out, device=device, dtype=dtype, allow_pickle=allow_pickle)
+
+
+@app.command()
+def outpaint(
+    image: Path = typer.Argument(..., help="the picture to extend"),
+    prompt: str = typer.Argument(..., help="what the extended picture shows"),
+    left: int = typer.Option(0, help="pixels to add on the left (multiple of 8)"),
+    right: int = typer.Option(0, help="pixels to add on the right (multiple of 8)"),
+    top: int = typer.Option(0, help="pixels to add at the top (multiple of 8)"),
+    bottom: int = typer.Option(0, help="pixels to add at the bottom (multiple of 8)"),
+    strength: float = GenerationOptions.strength,
+    mask_blur: int = GenerationOptions.mask_blur,
+    negative: str = GenerationOptions.negative,
+    steps: int = GenerationOptions.steps,
+    guidance: float = GenerationOptions.guidance,
+    seed: int = GenerationOptions.seed,
+    sampler: str = GenerationOptions.sampler,
+    batch: int = GenerationOptions.batch,
+    model: Optional[Path] = GenerationOptions.model,
+    out: Path = GenerationOptions.out,
+    device: Optional[str] = GenerationOptions.device,
+    dtype: Optional[str] = GenerationOptions.dtype,
+    allow_pickle: bool = GenerationOptions.allow_pickle,
+) -> None:
+    """Extend an image's canvas on the chosen sides and draw the new area."""
+    fields = dict(prompt=prompt, init_image=image, outpaint_left=left, outpaint_right=right, outpaint_top=top,
+                  outpaint_bottom=bottom, strength=strength, mask_blur=mask_blur, negative_prompt=negative,
+                  steps=steps, guidance_scale=guidance, seed=seed, sampler=sampler, batch_size=batch)
+    _run_and_save(fields, model=model, out=out, device=device, dtype=dtype, allow_pickle=allow_pickle)
+
+
+@app.command()
+def depth2img(
+    image: Path = typer.Argument(..., help="the picture to start from"),
+    depth: Path = typer.Argument(..., help="depth map image, brighter = nearer"),
+    prompt: str = typer.Argument(..., help="what to draw with that layout"),
+    strength: float = typer.Option(0.8, help="denoising strength 0..1"),
+    negative: str = GenerationOptions.negative,
+    steps: int = GenerationOptions.steps,
+    guidance: float = GenerationOptions.guidance,
+    seed: int = GenerationOptions.seed,
+    sampler: str = GenerationOptions.sampler,
+    batch: int = GenerationOptions.batch,
+    model: Optional[Path] = GenerationOptions.model,
+    out: Path = GenerationOptions.out,
+    device: Optional[str] = GenerationOptions.device,
+    dtype: Optional[str] = GenerationOptions.dtype,
+    allow_pickle: bool = GenerationOptions.allow_pickle,
+) -> None:
+    """Depth-guided generation for depth models (SD 2 depth layout: a 5-channel UNet)."""
+    fields = dict(prompt=prompt, init_image=image, depth_map=depth, strength=strength, negative_prompt=negative,
+                  steps=steps, guidance_scale=guidance, seed=seed, sampler=sampler, batch_size=batch)
+    _run_and_save(fields, model=model, out=out, device=device, dtype=dtype, allow_pickle=allow_pickle)
 
 
 @app.command()
@@ -167,8 +313,8 @@ app.add_typer(eval_app, name="eval")
 def train_builtin(
     out: Path = typer.Option(Path("runs/builtin"), help="run folder: checkpoint.pt, train.log, model/"),
     seed: int = typer.Option(0, help="seed of weights, data and noise"),
-    vae_steps: int = typer.Option(4000, help="stage 1 steps"),
-    diffusion_steps: int = typer.Option(30000, help="stage 2 steps"),
+    vae_steps: Optional[int] = typer.Option(None, help="stage 1 steps [default: the recipe's]"),
+    diffusion_steps: Optional[int] = typer.Option(None, help="stage 2 steps [default: the recipe's]"),
     device: str = typer.Option("cpu", help="cpu or cuda"),
     stop_after: Optional[int] = typer.Option(None, help="train at most this many steps now, then checkpoint"),
 ) -> None:
@@ -177,7 +323,8 @@ def train_builtin(
     from dapple.train.builtin_training import BuiltinTrainer, TrainingConfig
 
     with user_errors():
-        config = TrainingConfig(seed=seed, vae_steps=vae_steps, diffusion_steps=diffusion_steps)
+        overrides = {"vae_steps": vae_steps, "diffusion_steps": diffusion_steps}
+        config = TrainingConfig(seed=seed, **{key: value for key, value in overrides.items() if value is not None})
         try:
             trainer = BuiltinTrainer(out, config, device=device)
         except ValueError as error:  # a checkpoint from other settings

@@ -32,6 +32,8 @@ class Components:
     source: str | None = None
     latent_rgb_factors: tuple[tuple[float, float, float], ...] = field(default=SD1_LATENT_RGB_FACTORS)
     vocabulary: frozenset[str] | None = None  # the words a closed-world model was trained on (None: not known)
+    # Depth2img's seam for a depth estimator (image -> (H, W) array, larger = nearer); none ships or downloads.
+    depth_estimator: Any = None
 
     @property
     def device(self) -> torch.device:
@@ -58,7 +60,20 @@ class Components:
 
     @property
     def latent_channels(self) -> int:
-        return int(self.unet.config.in_channels)
+        """Channels of the latent image (4 for SD), whatever extra inputs the UNet takes."""
+        return int(self.vae.config.latent_channels)
+
+    @property
+    def unet_kind(self) -> str:
+        """What the UNet takes besides the latents, from its input channels: "standard" (4: latents only),
+        "inpainting" (9: + mask + masked-image latents) or "depth" (5: + depth map)."""
+        extra = int(self.unet.config.in_channels) - self.latent_channels
+        kinds = {0: "standard", self.latent_channels + 1: "inpainting", 1: "depth"}
+        if extra not in kinds:
+            raise ValueError(f"a UNet with {self.unet.config.in_channels} input channels is not supported; "
+                             f"known: {self.latent_channels} (standard), {2 * self.latent_channels + 1} "
+                             f"(inpainting), {self.latent_channels + 1} (depth)")
+        return kinds[extra]
 
     def latent_shape(self, width: int, height: int) -> tuple[int, int, int]:
         """(channels, height, width) of the latents for an image of width x height pixels."""

@@ -28,14 +28,16 @@ SD15_SCHEDULER_CONFIG = {
 }
 
 
-def build_tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
-    """A diffusers pipeline with tiny random components (64x64 px native size) and the real CLIP tokenizer."""
+def build_tiny_pipeline(seed: int = 0, unet_in_channels: int = 4) -> StableDiffusionPipeline:
+    """A diffusers pipeline with tiny random components (64x64 px native size) and the real CLIP tokenizer.
+
+    unet_in_channels: 4 for a standard model, 9 for an inpainting model, 5 for a depth model."""
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         block_out_channels=(32, 64),
         layers_per_block=2,
         sample_size=32,
-        in_channels=4,
+        in_channels=unet_in_channels,
         out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
@@ -78,8 +80,8 @@ def build_tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     )
 
 
-def save_tiny_model(folder: str | Path, seed: int = 0) -> Path:
+def save_tiny_model(folder: str | Path, seed: int = 0, unet_in_channels: int = 4) -> Path:
     """Write a tiny random model as a diffusers folder with safetensors weights; return the folder."""
     folder = Path(folder)
-    build_tiny_pipeline(seed).save_pretrained(str(folder), safe_serialization=True)
+    build_tiny_pipeline(seed, unet_in_channels).save_pretrained(str(folder), safe_serialization=True)
     return folder

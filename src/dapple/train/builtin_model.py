@@ -29,9 +29,11 @@ class Architecture:
     text_hidden: int = 64
     text_layers: int = 2
     text_heads: int = 4
-    unet_channels: tuple[int, ...] = (64, 128, 128)
+    # (32, 64, 128) with cross-attention at 16x16 trains a step in 1.2 s (batch 64, 2 threads) against 2.2 s for
+    # (64, 128, 128): twice the steps in the same CPU time.
+    unet_channels: tuple[int, ...] = (32, 64, 128)
     unet_layers_per_block: int = 1
-    unet_norm_groups: int = 32
+    unet_norm_groups: int = 16
     attention_head_dim: int = 8
 
     def as_dict(self) -> dict:

@@ -44,14 +44,14 @@ class TrainingConfig:
 
     seed: int = 0
     architecture: Architecture = field(default_factory=Architecture)
-    vae_steps: int = 4000
+    vae_steps: int = 1500
     vae_batch_size: int = 32
     vae_learning_rate: float = 1e-3
     vae_kl_weight: float = 1e-6
-    diffusion_steps: int = 30000
+    diffusion_steps: int = 5000
     diffusion_batch_size: int = 64
-    diffusion_learning_rate: float = 5e-4
-    warmup_steps: int = 500
+    diffusion_learning_rate: float = 1e-3
+    warmup_steps: int = 300
     empty_caption_rate: float = 0.1
     min_snr_gamma: float = 5.0
     ema_power: float = 0.75  # EMA warm-up: decay reaches 0.999 after ~10k steps

@@ -1,0 +1,203 @@
+"""What every mode shares around the one denoise loop: the run's setup (seeds, prompt embeddings, a fresh
+scheduler, the per-image generators), img2img's strength schedule, the loop call, decoding and the result.
+
+A mode is then a few lines: make its initial latents, pick its timesteps, add its hooks or extra UNet inputs.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from PIL import Image
+
+from dapple._version import __version__
+from dapple.engine.conditioning import Conditioning, encode_prompt, warn_unknown_words
+from dapple.engine.hooks import Previewer, StepHooks
+from dapple.engine.latents import approximate_rgb, decode, draw_noise, make_generators, to_pil
+from dapple.engine.loop import denoise
+from dapple.infotext import format_infotext
+from dapple.models.components import Components
+from dapple.request import MAX_SEED, GenerationRequest, GenerationResult
+from dapple.samplers import SamplerChoice, create_scheduler, resolve_sampler
+
+
+def batch_seeds(seed: int, batch_size: int) -> list[int]:
+    """A1111's convention: seed -1 draws a random seed; image i of a batch uses seed + i."""
+    if seed == -1:
+        seed = random.randrange(0, MAX_SEED - batch_size + 2)
+    return [seed + i for i in range(batch_size)]
+
+
+def make_previewer(components: Components) -> Previewer:
+    """Turn latents into preview images: "cheap" via a linear map, "full" via the VAE decoder."""
+
+    def preview(latents: torch.Tensor, mode: str = "cheap") -> list[Image.Image]:
+        if mode == "full":
+            return to_pil(decode(components.vae, latents, components.latent_scaling_factor))
+        if mode == "cheap":
+            return to_pil(approximate_rgb(latents, components.latent_rgb_factors))
+        raise ValueError(f"unknown preview mode {mode!r}; use 'cheap' or 'full'")
+
+    return preview
+
+
+def strength_timesteps(scheduler: SchedulerMixin, steps: int, strength: float) -> torch.Tensor:
+    """The tail of a `steps`-step schedule that img2img runs: int(steps * strength) steps, starting at the noise
+    level strength picks (diffusers' get_timesteps). The scheduler must already have set_timesteps(steps)."""
+    run_steps = min(int(steps * strength), steps)
+    return tail_timesteps(scheduler, steps - run_steps)
+
+
+def tail_timesteps(scheduler: SchedulerMixin, skip: int) -> torch.Tensor:
+    """The scheduler's timesteps without the first `skip` steps; tells the scheduler where it starts."""
+    start = skip * scheduler.order
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(start)
+    return scheduler.timesteps[start:]
+
+
+def output_size(request: GenerationRequest, image: Image.Image) -> tuple[int, int]:
+    """The request's size, or the init image's rounded down to a multiple of 8 (at least 64)."""
+    width = request.width or max(64, image.width // 8 * 8)
+    height = request.height or max(64, image.height // 8 * 8)
+    return width, height
+
+
+def noised_start(run: "Run", scheduler, image_latents: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """Fresh seeded noise added to image_latents at the first timestep (diffusers' img2img prepare_latents)."""
+    noise = draw_noise(run.generators, tuple(image_latents.shape[1:]), device=run.device, dtype=run.dtype)
+    if len(timesteps) == 0:  # strength too small for a single step: the VAE round trip
+        return image_latents
+    return scheduler.add_noise(image_latents, noise, timesteps[:1].repeat(len(image_latents)))
+
+
+@dataclass
+class Run:
+    """One generation in progress: what was decided before the first step."""
+
+    components: Components
+    request: GenerationRequest
+    choice: SamplerChoice
+    seeds: list[int]
+    width: int
+    height: int
+    conditioning: Conditioning
+    generators: list[torch.Generator]
+    hooks: StepHooks
+    timings: dict[str, float] = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
+    infotext_extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return self.components.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.components.dtype
+
+    def latent_shape(self, width: int | None = None, height: int | None = None) -> tuple[int, int, int]:
+        return self.components.latent_shape(width or self.width, height or self.height)
+
+    def scheduler(self, steps: int) -> SchedulerMixin:
+        """A fresh scheduler for this run's sampler with `steps` timesteps set."""
+        scheduler = create_scheduler(self.choice, self.components.scheduler_config, seeds=self.seeds)
+        scheduler.set_timesteps(steps, device=self.device)
+        return scheduler
+
+    def denoise(
+        self,
+        scheduler: SchedulerMixin,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor | None = None,
+        *,
+        extra_channels: torch.Tensor | None = None,
+        hooks: StepHooks | None = None,
+        phase: str = "sampling",
+    ) -> torch.Tensor:
+        """The one loop, with this run's conditioning, generators, previews and the caller's hooks after the
+        mode's own (so that a progress callback sees the blended latents)."""
+        clock = time.perf_counter()
+        merged = StepHooks(
+            before_step={**self.hooks.before_step, **(hooks.before_step if hooks else {})},
+            after_step={**(hooks.after_step if hooks else {}), **self.hooks.after_step},
+        )
+        latents = denoise(
+            self.components.unet, scheduler, latents, self.conditioning, self.request.guidance_scale,
+            timesteps=timesteps, generators=self.generators, hooks=merged,
+            previewer=make_previewer(self.components), extra_channels=extra_channels, phase=phase,
+        )
+        key = "denoise" if phase == "sampling" else f"denoise_{phase}"
+        self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - clock
+        return latents
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        clock = time.perf_counter()
+        pixels = decode(self.components.vae, latents, self.components.latent_scaling_factor).cpu()
+        self.timings["decode"] = time.perf_counter() - clock
+        return pixels
+
+    def result(self, pixels: torch.Tensor, images: list[Image.Image] | None = None) -> GenerationResult:
+        self.timings["total"] = time.perf_counter() - self.started
+        return GenerationResult(
+            images=images if images is not None else to_pil(pixels),
+            pixels=pixels,
+            seeds=self.seeds,
+            infotexts=build_infotexts(self.request, self.choice, self.seeds, self.width, self.height,
+                                      self.components.name, self.infotext_extra),
+            request=self.request,
+            timings=self.timings,
+        )
+
+
+def begin_run(
+    components: Components, request: GenerationRequest, hooks: StepHooks | None, width: int, height: int
+) -> Run:
+    """Resolve the sampler and seeds, encode the prompts, and make the generators."""
+    choice = resolve_sampler(request.sampler)
+    seeds = batch_seeds(request.seed, request.batch_size)
+    warn_unknown_words(request.prompt, request.negative_prompt, components.vocabulary)
+    clock = time.perf_counter()
+    conditioning = encode_prompt(
+        components.tokenizer, components.text_encoder, request.prompt, request.negative_prompt,
+        guidance_scale=request.guidance_scale, batch_size=len(seeds),
+    )
+    run = Run(components, request, choice, seeds, width, height, conditioning, make_generators(seeds),
+              hooks or StepHooks())
+    run.timings["encode_prompt"] = time.perf_counter() - clock
+    return run
+
+
+def _format_number(value: float) -> str:
+    return f"{value:g}"
+
+
+def build_infotexts(
+    request: GenerationRequest, choice: SamplerChoice, seeds: Sequence[int], width: int, height: int, model: str,
+    extra: Mapping[str, Any] | None = None,
+) -> list[str]:
+    """A1111-style parameters text for each image (only the seed differs); `extra` holds the mode's entries
+    (Denoising strength, Mask blur, Hires upscale, ...) in A1111's order, after Model."""
+    texts = []
+    for seed in seeds:
+        parameters = {
+            "Steps": request.steps,
+            "Sampler": choice.spec.name,
+            "Schedule type": None if choice.schedule_type == "Automatic" else choice.schedule_type,
+            "CFG scale": _format_number(request.guidance_scale),
+            "Seed": seed,
+            "Size": f"{width}x{height}",
+            "Model hash": None,  # filled in once model hashing lands (model library issue)
+            "Model": model,
+            **{key: _format_number(value) if isinstance(value, float) else value
+               for key, value in (extra or {}).items()},
+            "Version": f"dapple {__version__}",
+        }
+        texts.append(format_infotext(request.prompt, request.negative_prompt, parameters))
+    return texts

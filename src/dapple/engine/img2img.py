@@ -1,0 +1,68 @@
+"""Image-to-image (SDEdit, Meng et al., 2022): encode the init image, noise it to the step that `strength` picks,
+and run the rest of the schedule. Depth2img is the same with a depth map as the UNet's fifth input channel
+(SD 2 depth, as diffusers' StableDiffusionDepth2ImgPipeline)."""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+
+from dapple.engine.depth import depth_channels
+from dapple.engine.generation import begin_run, noised_start, output_size, strength_timesteps
+from dapple.engine.hooks import StepHooks
+from dapple.engine.images import resize_to, to_vae_tensor
+from dapple.engine.inpaint import unmasked_inpainting_channels
+from dapple.engine.latents import draw_noise, encode
+from dapple.models.components import Components
+from dapple.request import GenerationRequest, GenerationResult
+
+
+def img2img(
+    components: Components,
+    request: GenerationRequest,
+    hooks: StepHooks | None,
+    init_image: Image.Image,
+    depth: torch.Tensor | None = None,
+) -> GenerationResult:
+    """Redraw init_image after `request.prompt`; with a depth UNet, `depth` (1, H, W) guides the layout.
+
+    strength 1 ignores the image entirely (the same image as txt2img with that seed); strength 0 returns the
+    image's VAE round trip; in between, int(steps * strength) steps run."""
+    width, height = output_size(request, init_image)
+    image = resize_to(init_image.convert("RGB"), width, height, request.resize_mode)
+    run = begin_run(components, request, hooks, width, height)
+    run.infotext_extra["Denoising strength"] = request.strength
+    scheduler = run.scheduler(request.steps)
+
+    if request.strength >= 1.0:
+        noise = draw_noise(run.generators, run.latent_shape(), device=run.device, dtype=run.dtype)
+        latents, timesteps = noise * scheduler.init_noise_sigma, None
+    else:
+        timesteps = strength_timesteps(scheduler, request.steps, request.strength)
+        image_latents = encode(components.vae, to_vae_tensor([image]), run.generators,
+                               components.latent_scaling_factor).to(run.dtype)
+        latents = noised_start(run, scheduler, image_latents, timesteps)
+
+    extra = None
+    if components.unet_kind == "depth":
+        if depth is None:
+            depth = estimate_depth(components, image)
+        extra = depth_channels(depth, len(run.seeds), run.latent_shape()[1:]).to(run.device, run.dtype)
+    elif components.unet_kind == "inpainting":  # everything masked: the image only seeds the latents
+        extra = unmasked_inpainting_channels(components, len(run.seeds), width, height)
+    latents = run.denoise(scheduler, latents, timesteps, extra_channels=extra)
+    return run.result(run.decode(latents))
+
+
+def estimate_depth(components: Components, image: Image.Image) -> torch.Tensor:
+    """The depth-estimator seam: a model plugged into components.depth_estimator, or a clear error."""
+    from dapple.errors import InvalidRequestError
+
+    if components.depth_estimator is None:
+        raise InvalidRequestError(
+            "this depth model (5-channel UNet) needs depth_map: an image or (H, W) array, brighter = nearer "
+            "(no depth estimator is plugged in; none is downloaded)"
+        )
+    from dapple.engine.depth import depth_tensor
+
+    return depth_tensor(components.depth_estimator(image))
