@@ -68,3 +68,19 @@ def test_resuming_with_another_config_is_refused(tmp_path) -> None:
         assert "different training config" in str(error)
     else:
         raise AssertionError("a different config was accepted")
+
+
+def test_export_writes_a_run_in_progress_as_a_model_folder(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from dapple.interfaces.cli import app
+
+    config = TrainingConfig(**{**CONFIG.__dict__, "vae_steps": 3, "diffusion_steps": 12})
+    BuiltinTrainer(tmp_path / "run", config).run(progress=False, stop_after=5)  # 2 steps into stage 2
+    result = CliRunner().invoke(app, ["train", "export", "--run", str(tmp_path / "run"), "--out",
+                                      str(tmp_path / "model")])
+    assert result.exit_code == 0, result.output
+    assert "stage diffusion, step 2" in result.stderr
+    assert dapple.load(tmp_path / "model", device="cpu").generate("a red circle", steps=1, seed=1).images
+    missing = CliRunner().invoke(app, ["train", "export", "--run", str(tmp_path / "none"), "--out", "x"])
+    assert missing.exit_code == 2 and "holds no checkpoint.pt" in missing.stderr

@@ -334,6 +334,39 @@ def train_builtin(
     typer.echo(str(model) if model else f"stopped; checkpoint in {trainer.checkpoint_path}")
 
 
+@train_app.command("export")
+def train_export(
+    run: Path = typer.Option(Path("runs/builtin"), help="a run folder of `dapple train builtin`"),
+    out: Path = typer.Option(..., help="model folder to write"),
+) -> None:
+    """Export a run's current EMA weights as a model folder, finished or not (to evaluate a run in progress)."""
+    _quiet_libraries()
+    from dapple.train.builtin_training import BuiltinTrainer, TrainingConfig
+
+    with user_errors():
+        if not (run / "checkpoint.pt").is_file():
+            raise DappleError(f"{run} holds no checkpoint.pt; train with `dapple train builtin --out {run}` first")
+        try:
+            trainer = BuiltinTrainer(run, TrainingConfig(**_run_config(run)))
+        except ValueError as error:
+            raise DappleError(str(error)) from None
+        typer.echo(f"{run}: stage {trainer.stage}, step {trainer.step}", err=True)
+        trainer.export(out)
+    typer.echo(str(out))
+
+
+def _run_config(run: Path) -> dict:
+    """The TrainingConfig fields a run's checkpoint was written with."""
+    from dapple.train.builtin_model import Architecture
+    from dapple.train.checkpoint import load_checkpoint
+
+    state = load_checkpoint(run / "checkpoint.pt")
+    fields = json.loads(state["config"])
+    fields["architecture"] = Architecture(**{key: tuple(value) if isinstance(value, list) else value
+                                              for key, value in fields["architecture"].items()})
+    return fields
+
+
 @eval_app.command("builtin")
 def eval_builtin(
     model: Path = typer.Option(..., "--model", "-m", help="a model folder trained on the shapes world"),
