@@ -7,12 +7,13 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from dapple.engine.depth import depth_channels
+from dapple.engine.depth import depth_channels, depth_tensor
 from dapple.engine.generation import begin_run, noised_start, output_size, strength_timesteps
 from dapple.engine.hooks import StepHooks
 from dapple.engine.images import resize_to, to_vae_tensor
 from dapple.engine.inpaint import unmasked_inpainting_channels
 from dapple.engine.latents import draw_noise, encode
+from dapple.errors import InvalidRequestError
 from dapple.models.components import Components
 from dapple.request import GenerationRequest, GenerationResult
 
@@ -56,13 +57,9 @@ def img2img(
 
 def estimate_depth(components: Components, image: Image.Image) -> torch.Tensor:
     """The depth-estimator seam: a model plugged into components.depth_estimator, or a clear error."""
-    from dapple.errors import InvalidRequestError
-
     if components.depth_estimator is None:
         raise InvalidRequestError(
             "this depth model (5-channel UNet) needs depth_map: an image or (H, W) array, brighter = nearer "
             "(no depth estimator is plugged in; none is downloaded)"
         )
-    from dapple.engine.depth import depth_tensor
-
     return depth_tensor(components.depth_estimator(image))

@@ -21,7 +21,7 @@ from dapple.request import GenerationRequest, make_request
 from dapple.settings import Settings
 
 app = typer.Typer(help="Dapple: Stable Diffusion from the command line.", no_args_is_help=True, add_completion=False)
-inspect_app = typer.Typer(help="Look inside the model: tokens (more to come).", no_args_is_help=True)
+inspect_app = typer.Typer(help="Look inside the model: tokens, embeddings, schedule, vae, noise, denoise, guidance grids, unet.", no_args_is_help=True)
 app.add_typer(inspect_app, name="inspect")
 
 USAGE_ERROR = 2
@@ -301,6 +301,153 @@ def inspect_tokens(
         typer.echo(f"{position:>3}  {token_id:>6}  {tokenizer.convert_ids_to_tokens(token_id)}{marker}")
     used = min(len(ids), limit)
     typer.echo(f"{used} of {limit} slots used ({len(ids) - 2} prompt tokens + start and end); {limit - used} padding")
+
+
+_inspect_model = typer.Option(None, "--model", "-m", help="model folder (default: the built-in model)")
+_inspect_out = typer.Option(Path("outputs/inspect"), "--out", help="folder for the pictures")
+
+
+def _inspect_pipe(model: Optional[Path]):
+    """Load the model an inspect command looks inside, with the libraries kept quiet."""
+    import dapple
+
+    _quiet_libraries()
+    return dapple.load(model)
+
+
+def _report(inspection) -> None:
+    """An inspection's numbers, then the paths of its files (one per line, as generate prints them)."""
+    for line in inspection.lines:
+        typer.echo(line, err=True)
+    for path in inspection.files:
+        typer.echo(str(path))
+
+
+def _split(values: Optional[str], kind: type) -> list:
+    if not values:
+        return []
+    try:
+        return [kind(value.strip()) for value in values.split(",") if value.strip()]
+    except ValueError:
+        raise DappleError(f"{values!r} is not a comma-separated list of {kind.__name__} values") from None
+
+
+@inspect_app.command("embeddings")
+def inspect_embeddings(
+    text: str = typer.Argument(..., help="a prompt"),
+    vs: Optional[str] = typer.Option(None, "--vs", help="a second prompt to compare with"),
+    model: Optional[Path] = _inspect_model, out: Path = _inspect_out,
+) -> None:
+    """The text embedding's shape, per-token norms and (with --vs) the cosine similarity heatmap."""
+    from dapple.inspect import embeddings
+
+    with user_errors():
+        _report(embeddings(_inspect_pipe(model), text, out, vs=vs))
+
+
+@inspect_app.command("schedule")
+def inspect_schedule(
+    sampler: str = typer.Option("DPM++ 2M Karras", "--sampler", help="one or more names, comma-separated"),
+    steps: int = typer.Option(20, help="sampling steps"),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="use this model's schedule (default: SD's)"),
+    out: Path = _inspect_out,
+) -> None:
+    """Plot alphas_cumprod and the timesteps and sigmas each sampler visits."""
+    from dapple.inspect import noise_schedule
+    from dapple.models.tiny import SD15_SCHEDULER_CONFIG
+    from dapple.samplers import resolve_sampler
+
+    with user_errors():
+        names = _split(sampler, str)
+        for name in names:
+            resolve_sampler(name)
+        if not 1 <= steps <= 150:
+            raise DappleError(f"steps={steps} is invalid; allowed: 1..150")
+        config = _inspect_pipe(model).components.scheduler_config if model else SD15_SCHEDULER_CONFIG
+        _report(noise_schedule(config, out, names, steps))
+
+
+def _open_picture(path: Path):
+    from dapple.engine.images import open_image
+
+    return open_image(path, what="image").convert("RGB")
+
+
+@inspect_app.command("vae")
+def inspect_vae(image: Path = typer.Argument(..., help="a picture"), model: Optional[Path] = _inspect_model,
+                out: Path = _inspect_out) -> None:
+    """Encode and decode a picture: original, reconstruction, error, latent channels; compression and PSNR."""
+    from dapple.inspect import vae_round_trip
+
+    with user_errors():
+        _report(vae_round_trip(_inspect_pipe(model), _open_picture(image), out))
+
+
+@inspect_app.command("noise")
+def inspect_noise(image: Path = typer.Argument(..., help="a picture"),
+                  timesteps: str = typer.Option("0,50,150,300,500,750,999", help="comma-separated, 0..999"),
+                  seed: int = typer.Option(0), model: Optional[Path] = _inspect_model, out: Path = _inspect_out
+                  ) -> None:
+    """The forward process: a picture noised to a row of timesteps, in latent and in pixel space."""
+    from dapple.inspect import forward_noise
+
+    with user_errors():
+        values = _split(timesteps, int)
+        if not values or any(not 0 <= t <= 999 for t in values):
+            raise DappleError(f"timesteps={timesteps!r} is invalid; allowed: comma-separated integers in 0..999")
+        _report(forward_noise(_inspect_pipe(model), _open_picture(image), out, values, seed=seed))
+
+
+@inspect_app.command("denoise")
+def inspect_denoise(
+    prompt: str = typer.Argument(..., help="what to draw"),
+    steps: int = GenerationOptions.steps, guidance: float = GenerationOptions.guidance,
+    seed: int = typer.Option(0), sampler: str = GenerationOptions.sampler,
+    negative: str = GenerationOptions.negative, model: Optional[Path] = _inspect_model, out: Path = _inspect_out,
+) -> None:
+    """Generate while keeping every step: animated GIF, contact sheet, latent statistics plot."""
+    from dapple.inspect import denoise_steps
+
+    with user_errors():
+        _report(denoise_steps(_inspect_pipe(model), prompt, out, steps=steps, guidance_scale=guidance, seed=seed,
+                              sampler=sampler, negative_prompt=negative))
+
+
+@inspect_app.command("guidance")
+def inspect_guidance(
+    prompt: str = typer.Argument(..., help="what to draw"),
+    scales: Optional[str] = typer.Option(None, help="CFG scales, e.g. 1,4,8,12"),
+    steps: Optional[str] = typer.Option(None, help="step counts, e.g. 5,10,20,40"),
+    samplers: Optional[str] = typer.Option(None, help="sampler names, e.g. 'Euler a,DDIM,DPM++ 2M Karras'"),
+    seeds: Optional[str] = typer.Option(None, help="seeds, e.g. 1,2,3"),
+    seed: int = typer.Option(0, help="the seed when seeds are not an axis"),
+    model: Optional[Path] = _inspect_model, out: Path = _inspect_out,
+) -> None:
+    """The same seed across one or two parameters in one labelled grid (the first two axes given: X, then Y)."""
+    from dapple.inspect import parameter_grid
+
+    with user_errors():
+        axes = [(name, values) for name, values in (
+            ("guidance_scale", _split(scales, float)), ("steps", _split(steps, int)),
+            ("sampler", _split(samplers, str)), ("seed", _split(seeds, int))) if values]
+        if not 1 <= len(axes) <= 2:
+            raise DappleError("give one or two of --scales, --steps, --samplers, --seeds (the grid's axes)")
+        options = {} if any(name == "seed" for name, _ in axes) else {"seed": seed}
+        _report(parameter_grid(_inspect_pipe(model), prompt, out, axes[0], axes[1] if len(axes) > 1 else None,
+                               **options))
+
+
+@inspect_app.command("unet")
+def inspect_unet(
+    image: Path = typer.Argument(..., help="a picture"), prompt: str = typer.Argument(..., help="the condition"),
+    t: int = typer.Option(500, "--t", help="timestep 0..999"), seed: int = typer.Option(0),
+    model: Optional[Path] = _inspect_model, out: Path = _inspect_out,
+) -> None:
+    """One UNet call on a noised picture: noisy, predicted noise, predicted x0, true x0."""
+    from dapple.inspect import unet_call
+
+    with user_errors():
+        _report(unet_call(_inspect_pipe(model), _open_picture(image), prompt, t, out, seed=seed))
 
 
 train_app = typer.Typer(help="Train models: the built-in shapes model (fine-tuning comes later).", no_args_is_help=True)
