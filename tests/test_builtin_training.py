@@ -1,5 +1,7 @@
 """A short training run on a tiny configuration: the loss goes down, a stopped run resumes exactly."""
 
+import json
+
 import torch
 
 import dapple
@@ -82,5 +84,19 @@ def test_export_writes_a_run_in_progress_as_a_model_folder(tmp_path) -> None:
     assert result.exit_code == 0, result.output
     assert "stage diffusion, step 2" in result.stderr
     assert dapple.load(tmp_path / "model", device="cpu").generate("a red circle", steps=1, seed=1).images
+    card = (tmp_path / "model" / "README.md").read_text()
+    assert "stopped in stage diffusion at step 2 of 12" in card and "--stop-after 5" in card
+    assert "circle, green" in card  # the vocabulary
     missing = CliRunner().invoke(app, ["train", "export", "--run", str(tmp_path / "none"), "--out", "x"])
     assert missing.exit_code == 2 and "holds no checkpoint.pt" in missing.stderr
+
+
+def test_training_minutes_leave_out_the_pauses_of_a_resumed_run(tmp_path) -> None:
+    from dapple.train.model_card import training_minutes
+
+    records = [("vae", 50, 0), ("vae", 100, 60), ("diffusion", 50, 120), ("diffusion", 100, 180),
+               ("diffusion", 150, 180 + 3600), ("diffusion", 200, 3840), ("diffusion", 250, 3900)]
+    log = tmp_path / "train.log"
+    log.write_text("".join(json.dumps({"time": t, "stage": s, "step": n}) + "\n" for s, n, t in records))
+    assert training_minutes(log) == {"vae": 1.0, "diffusion": 3.0}  # the hour-long pause is not training
+    assert training_minutes(log, "diffusion", 200) == {"vae": 1.0, "diffusion": 2.0}

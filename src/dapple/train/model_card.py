@@ -1,0 +1,90 @@
+"""The built-in model's card (README.md in its folder): how to reproduce the weights, what training cost, how
+well the model does on held-out combinations, and the words it knows."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+from dapple.models.vocabulary import read_vocabulary
+from dapple.train.builtin_training import TrainingConfig
+from dapple.train.scorer import AccuracyTable
+
+GAP = 600.0  # seconds between log records beyond which the run was stopped (not counted as training time)
+
+
+def training_minutes(log_path: Path, stage: str = "done", step: int = 0) -> dict[str, float]:
+    """Minutes spent in each stage up to (stage, step), from the log's timestamps, leaving out the pauses of a
+    resumed run."""
+    minutes: dict[str, float] = {}
+    previous: dict | None = None
+    for line in log_path.read_text().splitlines():
+        record = json.loads(line)
+        if record["stage"] == stage and record.get("step", 0) > step:
+            break  # the log runs ahead of the checkpoint that was exported
+        if previous is not None and previous["stage"] == record["stage"]:
+            elapsed = record["time"] - previous["time"]
+            if elapsed < GAP:
+                minutes[record["stage"]] = minutes.get(record["stage"], 0.0) + elapsed / 60
+        previous = record
+    return minutes
+
+
+def write_model_card(
+    folder: Path, config: TrainingConfig, *, run_dir: Path, stage: str, step: int, table: AccuracyTable | None,
+    evaluation: str = "", commands: list[str] | None = None,
+) -> Path:
+    """Write folder/README.md."""
+    minutes = training_minutes(run_dir / "train.log", stage, step) if (run_dir / "train.log").is_file() else {}
+    finished = stage == "done"
+    progress = "finished" if finished else f"stopped in stage {stage} at step {step} of {config.diffusion_steps}"
+    arch = config.architecture
+    lines = [
+        "# Dapple built-in shapes model",
+        "",
+        "A Stable Diffusion-architecture model (AutoencoderKL, CLIP text encoder with the real CLIP tokenizer,",
+        "UNet2DConditionModel, SD 1.x noise schedule) trained from scratch by Dapple on its procedurally drawn",
+        "shapes world: 64x64 images of one circle, square or triangle in one of 8 colours on a plain background.",
+        "",
+        "## Recipe",
+        "",
+        f"Training run: {progress}.",
+        "",
+        "```bash",
+        *(commands or [f"dapple train builtin --seed {config.seed}"]),
+        "```",
+        "",
+        "The full training config (TrainingConfig):",
+        "",
+        "```text",
+        *[f"{key} = {json.dumps(value)}" for key, value in config.as_dict().items()],
+        "```",
+        "",
+        "Architecture: VAE " + "/".join(map(str, arch.vae_channels)) + f" channels to {arch.latent_channels}-channel "
+        f"latents (64 px -> {64 // 2 ** (len(arch.vae_channels) - 1)}), text encoder {arch.text_hidden} wide x "
+        f"{arch.text_layers} layers, UNet " + "/".join(map(str, arch.unet_channels)) + ".",
+        "",
+        "## Training time and hardware",
+        "",
+        *[f"- {name}: {value:.0f} minutes" for name, value in minutes.items()],
+        f"- machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, no GPU",
+        "",
+        "## Evaluation on held-out combinations",
+        "",
+        evaluation or "(not evaluated)",
+        "",
+    ]
+    if table is not None:
+        lines += ["| attribute | accuracy | images |", "|---|---:|---:|"]
+        lines += [f"| {name} | {value:.1%} | {count} |" for name, value, count in table.rows()]
+        lines.append("")
+    words = sorted(read_vocabulary(folder) or [])
+    lines += ["## Vocabulary", "", "The words of its training captions (prompts with other words still generate,",
+              "with a warning):", "", ", ".join(words), ""]
+    path = folder / "README.md"
+    path.write_text("\n".join(lines))
+    return path
