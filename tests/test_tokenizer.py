@@ -1,10 +1,8 @@
 """The bundled tokenizer must give exactly CLIP's token ids."""
 
-import warnings
 
 import pytest
 
-from dapple.engine.conditioning import PromptTruncatedWarning, tokenize
 from dapple.models.tokenizer import bundled_clip_tokenizer
 
 # Ids from OpenAI CLIP's own SimpleTokenizer (and the Hugging Face docs' "a photo of a cat" example).
@@ -30,18 +28,9 @@ def test_vocabulary_and_specials_match_clip() -> None:
     assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (49406, 49407, 49407)
 
 
-def test_tokenize_pads_to_77_without_warning() -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        ids = tokenize(bundled_clip_tokenizer(), "a photo of a cat")
-    assert ids.shape == (1, 77)
-    assert ids[0, :7].tolist() == KNOWN_CLIP_IDS["a photo of a cat"]
-    assert set(ids[0, 7:].tolist()) == {49407}
+def test_tokenizer_pads_to_77_with_end_tokens() -> None:
+    ids = bundled_clip_tokenizer()("a photo of a cat", padding="max_length", max_length=77).input_ids
+    assert len(ids) == 77
+    assert ids[:7] == KNOWN_CLIP_IDS["a photo of a cat"]
+    assert set(ids[7:]) == {49407}
 
-
-def test_long_prompt_is_truncated_with_a_warning_that_counts_the_dropped_tokens() -> None:
-    prompt = " ".join(["cat"] * 80)  # 80 tokens; CLIP reads 75 between start and end
-    with pytest.warns(PromptTruncatedWarning, match="80 tokens .* reads 75; the last 5 tokens were dropped"):
-        ids = tokenize(bundled_clip_tokenizer(), prompt)
-    assert ids.shape == (1, 77)
-    assert ids[0, -1].item() == 49407

@@ -293,14 +293,21 @@ def inspect_tokens(
         if model is not None and not model.is_dir():
             raise DappleError(f"model folder {model} does not exist")
         tokenizer = folder_tokenizer(model) if model is not None else bundled_clip_tokenizer()
-    ids = tokenizer(text, truncation=False).input_ids
+    from dapple.engine.prompt_syntax import chunk_tokens
+
     limit = tokenizer.model_max_length
-    typer.echo(f"{'#':>3}  {'id':>6}  token")
-    for position, token_id in enumerate(ids):
-        marker = "" if position < limit else "  (dropped: beyond the limit)"
-        typer.echo(f"{position:>3}  {token_id:>6}  {tokenizer.convert_ids_to_tokens(token_id)}{marker}")
-    used = min(len(ids), limit)
-    typer.echo(f"{used} of {limit} slots used ({len(ids) - 2} prompt tokens + start and end); {limit - used} padding")
+    chunks = chunk_tokens(tokenizer, text)  # A1111 syntax: weights, BREAK, 75 tokens per chunk
+    for number, chunk in enumerate(chunks, start=1):
+        if len(chunks) > 1:
+            typer.echo(f"chunk {number} of {len(chunks)}")
+        typer.echo(f"{'#':>3}  {'id':>6}  token")
+        rows = [(tokenizer.bos_token_id, 1.0), *zip(chunk.ids, chunk.weights), (tokenizer.eos_token_id, 1.0)]
+        for position, (token_id, weight) in enumerate(rows):
+            emphasis = "" if weight == 1.0 else f"  weight {weight:.3g}"
+            typer.echo(f"{position:>3}  {token_id:>6}  {tokenizer.convert_ids_to_tokens(token_id)}{emphasis}")
+        used = len(rows)
+        typer.echo(f"{used} of {limit} slots used ({used - 2} prompt tokens + start and end); "
+                   f"{limit - used} padding")
 
 
 _inspect_model = typer.Option(None, "--model", "-m", help="model folder (default: the built-in model)")
