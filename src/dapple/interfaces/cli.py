@@ -256,6 +256,40 @@ def depth2img(
 
 
 @app.command()
+def convert(
+    source: Path = typer.Argument(..., help="a pickled checkpoint: .ckpt, .pt, .pth or .bin"),
+    out: Optional[Path] = typer.Option(None, help="output .safetensors (default: beside the source)"),
+) -> None:
+    """Convert a pickle checkpoint to .safetensors without running its code (torch weights_only, own process)."""
+    from dapple.models.convert import convert_to_safetensors
+
+    with user_errors():
+        target, report = convert_to_safetensors(source, out)
+    skipped = report["skipped"]
+    typer.echo(f"{report['tensors']} tensors written" + (f"; left out non-tensor entries: {', '.join(skipped)}"
+                                                           if skipped else ""), err=True)
+    typer.echo(str(target))
+
+
+@app.command()
+def merge(
+    a: Path = typer.Argument(..., help="model A (.safetensors)"),
+    b: Path = typer.Argument(..., help="model B (.safetensors)"),
+    c: Optional[Path] = typer.Argument(None, help="model C, for add-difference"),
+    mode: str = typer.Option("weighted-sum", help="weighted-sum: A(1-alpha) + B alpha; add-difference: "
+                             "A + (B - C) alpha"),
+    alpha: float = typer.Option(0.5, help="the share of B (weighted-sum) or the difference's multiplier"),
+    out: Path = typer.Option(..., help="the merged .safetensors file"),
+) -> None:
+    """Merge checkpoints tensor by tensor (memory stays near one tensor)."""
+    from dapple.models.merge import merge_checkpoints
+
+    with user_errors():
+        merge_checkpoints(a, b, out, mode=mode, alpha=alpha, c=c)
+    typer.echo(str(out))
+
+
+@app.command()
 def samplers() -> None:
     """List the sampler names, their schedule types and aliases."""
     from dapple.samplers import SAMPLERS
