@@ -290,6 +290,37 @@ def merge(
 
 
 @app.command()
+def serve(
+    host: str = typer.Option("127.0.0.1", help="address to bind; loopback by default"),
+    port: int = typer.Option(7860),
+    data_dir: Path = typer.Option(Path("dapple-data"), help="job database and gallery images"),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="model folder (default: the built-in model)"),
+    queue_size: int = typer.Option(64, help="queued jobs beyond this get 429"),
+    device: Optional[str] = GenerationOptions.device,
+    dtype: Optional[str] = GenerationOptions.dtype,
+) -> None:
+    """Serve the native job API (/api/v1, OpenAPI at /docs) on the persistent job queue."""
+    import uvicorn
+
+    import dapple
+    from dapple.interfaces.server import create_app
+    from dapple.service.jobs import JobService
+
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        typer.echo(f"warning: serving on {host} without authentication; anyone who can reach it can use it",
+                   err=True)
+    _quiet_libraries()
+    with user_errors():
+        pipe = dapple.load(model, device=device, dtype=dtype)  # fail now, not on the first job
+    service = JobService(data_dir, lambda: pipe, queue_size=queue_size)
+    service.start()
+    try:
+        uvicorn.run(create_app(service), host=host, port=port, log_level="warning")
+    finally:
+        service.stop()
+
+
+@app.command()
 def samplers() -> None:
     """List the sampler names, their schedule types and aliases."""
     from dapple.samplers import SAMPLERS

@@ -1,0 +1,173 @@
+"""The HTTP server: Dapple's native job API under /api/v1 on the job service (FastAPI; OpenAPI at /docs).
+
+POST /api/v1/jobs -> 202 {id, status, position}; GET /jobs/{id}; GET /jobs?status=; DELETE /jobs/{id} (cancel);
+GET /jobs/{id}/events (server-sent events); GET /images (gallery, newest first); GET /images/{id} (PNG with
+infotext); GET /images/{id}/thumbnail; DELETE /images/{id}; GET /samplers, /health.
+Bad input never reaches the worker: 422 names the field and what is allowed, 404 lists valid names, 429 asks the
+client to retry, 413 refuses oversized bodies. Files are served by id only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import queue
+from dataclasses import asdict
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from PIL import Image
+
+from dapple.errors import InvalidRequestError, UnknownSamplerError
+from dapple.request import GenerationRequest
+from dapple.samplers import sampler_names
+from dapple.service.jobs import STATUSES, Job, JobNotFoundError, JobService, QueueFullError
+
+DEFAULT_MAX_BODY = 32 * 1024 * 1024
+
+
+def _job_view(job: Job) -> dict[str, Any]:
+    view = asdict(job)
+    request = dict(view.pop("request"))
+    for name in ("init_image", "mask", "depth_map"):  # images are echoed as a mark, not megabytes of base64
+        if request.get(name) is not None:
+            request[name] = "<image>"
+    view["request"] = request
+    view["image_ids"] = list(job.image_ids)
+    return view
+
+
+def _error(status: int, message: str, **extra: Any) -> JSONResponse:
+    return JSONResponse({"detail": message, **extra}, status_code=status)
+
+
+def create_app(service: JobService, *, max_body: int = DEFAULT_MAX_BODY) -> FastAPI:
+    """The FastAPI app over a job service (the caller starts and stops the service)."""
+    app = FastAPI(title="Dapple", version="1", docs_url="/docs")
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > max_body:
+            return _error(413, f"request body of {length} bytes is too large; allowed: at most {max_body}")
+        return await call_next(request)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, error: RequestValidationError):
+        lines = []
+        for item in error.errors():
+            location = ".".join(str(part) for part in item["loc"] if part != "body")
+            lines.append(f"{location or 'body'}: {item['msg']}")
+        return _error(422, "; ".join(lines))
+
+    @app.exception_handler(InvalidRequestError)
+    async def invalid(request: Request, error: InvalidRequestError):
+        return _error(422, str(error))
+
+    @app.exception_handler(UnknownSamplerError)
+    async def unknown_sampler(request: Request, error: UnknownSamplerError):
+        return _error(404, str(error), valid=sampler_names())
+
+    @app.exception_handler(JobNotFoundError)
+    async def not_found(request: Request, error: JobNotFoundError):
+        return _error(404, str(error))
+
+    @app.exception_handler(QueueFullError)
+    async def queue_full(request: Request, error: QueueFullError):
+        return JSONResponse({"detail": str(error)}, status_code=429, headers={"Retry-After": "5"})
+
+    @app.get("/api/v1/health")
+    def health() -> dict[str, Any]:
+        return {"status": "ok", "queued": len(service.list("queued", limit=10_000))}
+
+    @app.get("/api/v1/samplers")
+    def samplers() -> list[str]:
+        return sampler_names()
+
+    @app.post("/api/v1/jobs", status_code=202)
+    def submit(request: GenerationRequest) -> dict[str, Any]:
+        job = service.submit(request.model_dump(exclude_unset=True))
+        return {"id": job.id, "status": job.status, "position": job.position}
+
+    @app.get("/api/v1/jobs")
+    def list_jobs(status: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        if status is not None and status not in STATUSES:
+            raise InvalidRequestError(f"status={status!r} is invalid; allowed: {', '.join(STATUSES)}")
+        return [_job_view(job) for job in service.list(status, limit=max(1, min(limit, 1000)))]
+
+    @app.get("/api/v1/jobs/{job_id}")
+    def get_job(job_id: str) -> dict[str, Any]:
+        return _job_view(service.get(job_id))
+
+    @app.delete("/api/v1/jobs/{job_id}")
+    def cancel_job(job_id: str) -> dict[str, Any]:
+        return _job_view(service.cancel(job_id))
+
+    @app.get("/api/v1/jobs/{job_id}/events")
+    async def job_events(job_id: str, previews: bool = False) -> StreamingResponse:
+        """Server-sent events until the job ends: queued, started, progress (with a preview PNG as base64 when
+        previews=true), finished {images}, failed {error}, cancelled."""
+        service.get(job_id)  # 404 for an unknown id before the stream starts
+        events: queue.Queue = queue.Queue()
+        unsubscribe = service.subscribe(lambda jid, event: events.put(event) if jid == job_id else None)
+
+        def encode(event: dict[str, Any]) -> str:
+            event = dict(event)
+            context = event.pop("context", None)
+            if previews and context is not None:
+                buffer = io.BytesIO()
+                context.preview("cheap")[0].save(buffer, format="PNG")
+                event["preview"] = base64.b64encode(buffer.getvalue()).decode()
+            return f"event: {event['event']}\ndata: {json.dumps(event)}\n\n"
+
+        async def stream():
+            try:
+                current = service.get(job_id)
+                if current.status in ("finished", "failed", "cancelled"):  # already over: say how it ended
+                    yield encode({"event": current.status, "images": list(current.image_ids),
+                                  "error": current.error})
+                    return
+                yield encode({"event": current.status, "position": current.position})
+                while True:
+                    try:
+                        event = events.get_nowait()
+                    except queue.Empty:
+                        await asyncio.sleep(0.05)
+                        continue
+                    yield encode(event)
+                    if event["event"] in ("finished", "failed", "cancelled"):
+                        return
+            finally:
+                unsubscribe()
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    @app.get("/api/v1/images")
+    def gallery(offset: int = 0, limit: int = 50) -> list[dict[str, Any]]:
+        entries = service.images(max(0, offset), max(1, min(limit, 500)))
+        for entry in entries:
+            entry.pop("file")
+        return entries
+
+    @app.get("/api/v1/images/{image_id}")
+    def image(image_id: str) -> Response:
+        return Response(service.image_path(image_id).read_bytes(), media_type="image/png")
+
+    @app.get("/api/v1/images/{image_id}/thumbnail")
+    def thumbnail(image_id: str, size: int = 128) -> Response:
+        with Image.open(service.image_path(image_id)) as picture:
+            picture.thumbnail((max(16, min(size, 512)),) * 2)
+            buffer = io.BytesIO()
+            picture.convert("RGB").save(buffer, format="PNG")
+        return Response(buffer.getvalue(), media_type="image/png")
+
+    @app.delete("/api/v1/images/{image_id}", status_code=204)
+    def delete_image(image_id: str) -> Response:
+        service.delete_image(image_id)
+        return Response(status_code=204)
+
+    return app

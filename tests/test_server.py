@@ -1,0 +1,103 @@
+"""The native HTTP API on the job service: submit, poll, events, gallery, and clear errors for bad input."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from dapple.infotext import PNG_KEY
+from dapple.interfaces.server import create_app
+from dapple.service.jobs import JobService
+
+FAST = {"prompt": "a red circle", "steps": 2, "seed": 3}
+
+
+@pytest.fixture
+def client(tmp_path, pipe):
+    service = JobService(tmp_path / "data", lambda: pipe, queue_size=2)
+    service.start()
+    with TestClient(create_app(service, max_body=200_000)) as test_client:
+        yield test_client
+    service.stop()
+
+
+def finished(client, job_id: str) -> dict:
+    for _ in range(600):
+        job = client.get(f"/api/v1/jobs/{job_id}").json()
+        if job["status"] in ("finished", "failed", "cancelled"):
+            return job
+        time.sleep(0.05)
+    raise AssertionError("job did not end")
+
+
+def test_submit_poll_and_fetch_the_image(client) -> None:
+    accepted = client.post("/api/v1/jobs", json={**FAST, "batch_size": 2})
+    assert accepted.status_code == 202 and set(accepted.json()) == {"id", "status", "position"}
+    job = finished(client, accepted.json()["id"])
+    assert job["status"] == "finished" and len(job["image_ids"]) == 2
+    png = client.get(f"/api/v1/images/{job['image_ids'][1]}")
+    image = Image.open(io.BytesIO(png.content))
+    assert png.headers["content-type"] == "image/png" and "Seed: 4" in image.info[PNG_KEY]
+    thumb = Image.open(io.BytesIO(client.get(f"/api/v1/images/{job['image_ids'][0]}/thumbnail?size=32").content))
+    assert thumb.size == (32, 32)
+    gallery = client.get("/api/v1/images").json()
+    assert [entry["id"] for entry in gallery] == job["image_ids"][::-1] and "file" not in gallery[0]
+    assert client.delete(f"/api/v1/images/{job['image_ids'][0]}").status_code == 204
+    assert len(client.get("/api/v1/images").json()) == 1
+
+
+def test_img2img_with_a_base64_image(client) -> None:
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(buffer, format="PNG")
+    data = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    job = finished(client, client.post("/api/v1/jobs", json={**FAST, "init_image": data, "strength": 0.5}).json()["id"])
+    assert job["status"] == "finished" and job["request"]["init_image"] == "<image>"
+
+
+def test_events_stream_until_the_job_ends(client) -> None:
+    job_id = client.post("/api/v1/jobs", json=FAST).json()["id"]
+    with client.stream("GET", f"/api/v1/jobs/{job_id}/events?previews=true") as stream:
+        kinds = [line.split(": ", 1)[1] for line in stream.iter_lines() if line.startswith("event: ")]
+    assert kinds[-1] == "finished"
+    replay = client.get(f"/api/v1/jobs/{job_id}/events").text  # a finished job says how it ended
+    assert replay.startswith("event: finished") and job_id in replay
+
+
+@pytest.mark.parametrize("body, status, message", [
+    ({**FAST, "steps": 500}, 422, "steps: Input should be less than or equal to 150"),
+    ({**FAST, "width": 100}, 422, "width: Input should be a multiple of 8"),
+    ({**FAST, "colour": "red"}, 422, "colour: Extra inputs are not permitted"),
+    ({**FAST, "mask": "abc"}, 422, "mask needs init_image"),
+    ({**FAST, "sampler": "Euler b"}, 404, "unknown sampler 'Euler b'"),
+])
+def test_bad_requests_get_clear_errors(client, body, status, message) -> None:
+    response = client.post("/api/v1/jobs", json=body)
+    assert response.status_code == status and message in response.json()["detail"]
+
+
+def test_limits_and_unknown_ids(client) -> None:
+    assert client.post("/api/v1/jobs", content=b"x" * 300_000,
+                       headers={"content-type": "application/json"}).status_code == 413
+    assert client.get("/api/v1/jobs/nope").status_code == 404
+    assert client.get("/api/v1/images/../../etc/passwd").status_code == 404
+    assert client.get("/api/v1/jobs?status=lost").status_code == 422
+    assert client.get("/api/v1/health").json()["status"] == "ok"
+    assert "Euler a" in client.get("/api/v1/samplers").json()
+    assert "/api/v1/jobs" in client.get("/openapi.json").json()["paths"]
+
+
+def test_a_full_queue_answers_429(tmp_path, pipe) -> None:
+    service = JobService(tmp_path / "data", lambda: pipe, queue_size=2)  # not started: jobs stay queued
+    with TestClient(create_app(service)) as client:
+        for _ in range(2):
+            assert client.post("/api/v1/jobs", json=FAST).status_code == 202
+        full = client.post("/api/v1/jobs", json=FAST)
+        assert full.status_code == 429 and full.headers["retry-after"] == "5"
+        job_id = client.get("/api/v1/jobs?status=queued").json()[0]["id"]
+        assert client.delete(f"/api/v1/jobs/{job_id}").json()["status"] == "cancelled"
