@@ -299,7 +299,7 @@ def serve(
     device: Optional[str] = GenerationOptions.device,
     dtype: Optional[str] = GenerationOptions.dtype,
 ) -> None:
-    """Serve the native job API (/api/v1, OpenAPI at /docs) on the persistent job queue."""
+    """Serve the native job API (/api/v1, OpenAPI at /docs) and the A1111 API (/sdapi/v1) on one job queue."""
     import uvicorn
 
     import dapple
@@ -315,7 +315,9 @@ def serve(
     service = JobService(data_dir, lambda: pipe, queue_size=queue_size)
     service.start()
     try:
-        uvicorn.run(create_app(service), host=host, port=port, log_level="warning")
+        app = create_app(service, model_name=pipe.components.name,
+                         model_path=Path(pipe.components.source) if pipe.components.source else None)
+        uvicorn.run(app, host=host, port=port, log_level="warning")
     finally:
         service.stop()
 

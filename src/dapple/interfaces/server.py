@@ -1,4 +1,5 @@
-"""The HTTP server: Dapple's native job API under /api/v1 on the job service (FastAPI; OpenAPI at /docs).
+"""The HTTP server: Dapple's native job API under /api/v1 and AUTOMATIC1111's under /sdapi/v1 (a1111.py), both on
+the job service (FastAPI; OpenAPI at /docs).
 
 POST /api/v1/jobs -> 202 {id, status, position}; GET /jobs/{id}; GET /jobs?status=; DELETE /jobs/{id} (cancel);
 GET /jobs/{id}/events (server-sent events); GET /images (gallery, newest first); GET /images/{id} (PNG with
@@ -15,6 +16,7 @@ import io
 import json
 import queue
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -23,6 +25,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from PIL import Image
 
 from dapple.errors import InvalidRequestError, UnknownSamplerError
+from dapple.interfaces import a1111
 from dapple.request import GenerationRequest
 from dapple.samplers import sampler_names
 from dapple.service.jobs import STATUSES, Job, JobNotFoundError, JobService, QueueFullError
@@ -45,9 +48,15 @@ def _error(status: int, message: str, **extra: Any) -> JSONResponse:
     return JSONResponse({"detail": message, **extra}, status_code=status)
 
 
-def create_app(service: JobService, *, max_body: int = DEFAULT_MAX_BODY) -> FastAPI:
-    """The FastAPI app over a job service (the caller starts and stops the service)."""
+def create_app(service: JobService, *, max_body: int = DEFAULT_MAX_BODY, model_name: str = "model",
+               model_path: Path | None = None) -> FastAPI:
+    """The FastAPI app over a job service (the caller starts and stops the service): the native API under
+    /api/v1 and AUTOMATIC1111's under /sdapi/v1."""
     app = FastAPI(title="Dapple", version="1", docs_url="/docs")
+    app.include_router(a1111.create_router(service, model_name, model_path))
+
+    def a1111_route(request: Request) -> bool:
+        return request.url.path.startswith("/sdapi/")
 
     @app.middleware("http")
     async def limit_body(request: Request, call_next):
@@ -55,6 +64,10 @@ def create_app(service: JobService, *, max_body: int = DEFAULT_MAX_BODY) -> Fast
         if length is not None and length.isdigit() and int(length) > max_body:
             return _error(413, f"request body of {length} bytes is too large; allowed: at most {max_body}")
         return await call_next(request)
+
+    @app.exception_handler(a1111.A1111Error)
+    async def a1111_error(request: Request, error: a1111.A1111Error):
+        return a1111.error_response(request, error)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, error: RequestValidationError):
@@ -66,10 +79,12 @@ def create_app(service: JobService, *, max_body: int = DEFAULT_MAX_BODY) -> Fast
 
     @app.exception_handler(InvalidRequestError)
     async def invalid(request: Request, error: InvalidRequestError):
-        return _error(422, str(error))
+        return a1111.error_response(request, error) if a1111_route(request) else _error(422, str(error))
 
     @app.exception_handler(UnknownSamplerError)
     async def unknown_sampler(request: Request, error: UnknownSamplerError):
+        if a1111_route(request):
+            return a1111.error_response(request, error)
         return _error(404, str(error), valid=sampler_names())
 
     @app.exception_handler(JobNotFoundError)

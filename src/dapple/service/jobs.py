@@ -94,6 +94,7 @@ class JobService:
         self._listeners: list[Callable[[str, Event], None]] = []
         self._worker: threading.Thread | None = None
         self._stopping = False
+        self.current: dict[str, Any] | None = None  # the running job: id, step, steps, phase, last StepContext
 
     # -- lifecycle ------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -136,6 +137,29 @@ class JobService:
         job = self.get(job_id)
         self._emit(job_id, {"event": "queued", "position": job.position})
         return job
+
+    def run_and_wait(self, fields: dict[str, Any], timeout: float | None = None) -> Job:
+        """Submit a job and block until it ends (the A1111 API's synchronous endpoints)."""
+        ended = threading.Event()
+        box: dict[str, str] = {}
+
+        def listen(job_id: str, event: Event) -> None:
+            if job_id == box.get("id") and event["event"] in ("finished", "failed", "cancelled"):
+                ended.set()
+
+        unsubscribe = self.subscribe(listen)
+        try:
+            with self._lock:  # no event of this job can arrive before its id is known
+                box["id"] = self.submit(fields).id
+            ended.wait(timeout)
+            return self.get(box["id"])
+        finally:
+            unsubscribe()
+
+    def running_job_id(self) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT id FROM jobs WHERE status='running'").fetchone()
+        return row[0] if row else None
 
     def get(self, job_id: str) -> Job:
         with self._lock:
@@ -218,6 +242,8 @@ class JobService:
         self._emit(job_id, {"event": "started"})
 
         def progress(context: StepContext) -> None:
+            self.current = {"id": job_id, "step": context.step, "steps": context.total, "phase": context.phase,
+                            "context": context, "started": job.started}
             with self._lock:
                 self._db.execute("UPDATE jobs SET step=?, steps=? WHERE id=?", (context.step, context.total, job_id))
             self._emit(job_id, {"event": "progress", "step": context.step, "steps": context.total,
@@ -253,6 +279,7 @@ class JobService:
             self._emit(job_id, {"event": "failed", "error": message})
         finally:
             self._cancel_tokens.pop(job_id, None)
+            self.current = None
 
     def _finish(self, job_id: str, status: str, error: str | None) -> None:
         with self._lock:
