@@ -101,3 +101,19 @@ def test_a_full_queue_answers_429(tmp_path, pipe) -> None:
         assert full.status_code == 429 and full.headers["retry-after"] == "5"
         job_id = client.get("/api/v1/jobs?status=queued").json()[0]["id"]
         assert client.delete(f"/api/v1/jobs/{job_id}").json()["status"] == "cancelled"
+
+
+def test_basic_auth_guards_every_route_and_cors_is_off_by_default(tmp_path, pipe) -> None:
+    service = JobService(tmp_path / "data", lambda: pipe)
+    with TestClient(create_app(service, auth=("ann", "s3cret"))) as client:
+        for path in ("/api/v1/health", "/sdapi/v1/options", "/docs"):
+            denied = client.get(path)
+            assert denied.status_code == 401 and denied.headers["www-authenticate"].startswith("Basic")
+        assert client.get("/api/v1/health", auth=("ann", "wrong")).status_code == 401
+        assert client.get("/api/v1/health", auth=("ann", "s3cret")).status_code == 200
+    with TestClient(create_app(service)) as client:
+        answer = client.get("/api/v1/health", headers={"origin": "https://example.com"})
+        assert "access-control-allow-origin" not in answer.headers
+    with TestClient(create_app(service, cors_origins=["https://example.com"])) as client:
+        answer = client.get("/api/v1/health", headers={"origin": "https://example.com"})
+        assert answer.headers["access-control-allow-origin"] == "https://example.com"

@@ -296,6 +296,8 @@ def serve(
     data_dir: Path = typer.Option(Path("dapple-data"), help="job database and gallery images"),
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="model folder (default: the built-in model)"),
     queue_size: int = typer.Option(64, help="queued jobs beyond this get 429"),
+    api_auth: Optional[str] = typer.Option(None, help="user:password for HTTP Basic auth on every route"),
+    cors_origin: Optional[list[str]] = typer.Option(None, help="an origin allowed to call from a browser; repeat"),
     device: Optional[str] = GenerationOptions.device,
     dtype: Optional[str] = GenerationOptions.dtype,
 ) -> None:
@@ -306,9 +308,15 @@ def serve(
     from dapple.interfaces.server import create_app
     from dapple.service.jobs import JobService
 
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        typer.echo(f"warning: serving on {host} without authentication; anyone who can reach it can use it",
-                   err=True)
+    credentials = None
+    if api_auth is not None:
+        user, colon, password = api_auth.partition(":")
+        if not colon or not user or not password:
+            typer.echo("error: --api-auth must be user:password", err=True)
+            raise typer.Exit(USAGE_ERROR)
+        credentials = (user, password)
+    if host not in ("127.0.0.1", "localhost", "::1") and credentials is None:
+        typer.echo(f"warning: serving on {host} without --api-auth; anyone who can reach it can use it", err=True)
     _quiet_libraries()
     with user_errors():
         pipe = dapple.load(model, device=device, dtype=dtype)  # fail now, not on the first job
@@ -316,7 +324,8 @@ def serve(
     service.start()
     try:
         app = create_app(service, model_name=pipe.components.name,
-                         model_path=Path(pipe.components.source) if pipe.components.source else None)
+                         model_path=Path(pipe.components.source) if pipe.components.source else None,
+                         auth=credentials, cors_origins=cors_origin)
         uvicorn.run(app, host=host, port=port, log_level="warning")
     finally:
         service.stop()

@@ -15,12 +15,14 @@ import base64
 import io
 import json
 import queue
+import secrets
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from PIL import Image
 
@@ -48,18 +50,36 @@ def _error(status: int, message: str, **extra: Any) -> JSONResponse:
     return JSONResponse({"detail": message, **extra}, status_code=status)
 
 
+def _basic_auth_ok(header: str | None, credentials: tuple[str, str]) -> bool:
+    """Whether an Authorization header carries these HTTP Basic credentials (constant-time comparison)."""
+    if not header or not header.startswith("Basic "):
+        return False
+    try:
+        user, _, password = base64.b64decode(header[6:]).decode().partition(":")
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return secrets.compare_digest(user, credentials[0]) & secrets.compare_digest(password, credentials[1])
+
+
 def create_app(service: JobService, *, max_body: int = DEFAULT_MAX_BODY, model_name: str = "model",
-               model_path: Path | None = None) -> FastAPI:
+               model_path: Path | None = None, auth: tuple[str, str] | None = None,
+               cors_origins: list[str] | None = None) -> FastAPI:
     """The FastAPI app over a job service (the caller starts and stops the service): the native API under
-    /api/v1 and AUTOMATIC1111's under /sdapi/v1."""
+    /api/v1 and AUTOMATIC1111's under /sdapi/v1. auth: HTTP Basic credentials required on every route.
+    cors_origins: origins allowed to call from a browser (none by default)."""
     app = FastAPI(title="Dapple", version="1", docs_url="/docs")
     app.include_router(a1111.create_router(service, model_name, model_path))
+    if cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["*"], allow_headers=["*"])
 
     def a1111_route(request: Request) -> bool:
         return request.url.path.startswith("/sdapi/")
 
     @app.middleware("http")
     async def limit_body(request: Request, call_next):
+        if auth is not None and not _basic_auth_ok(request.headers.get("authorization"), auth):
+            return JSONResponse({"detail": "authentication required"}, status_code=401,
+                                headers={"WWW-Authenticate": 'Basic realm="dapple"'})
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > max_body:
             return _error(413, f"request body of {length} bytes is too large; allowed: at most {max_body}")
