@@ -102,3 +102,11 @@ def test_merge_and_convert_commands(tmp_path) -> None:
     assert result.exit_code == 0 and "1 tensors written" in result.stderr
     bad = runner.invoke(app, ["merge", str(a), str(tmp_path / "none.safetensors"), "--out", str(tmp_path / "o")])
     assert bad.exit_code == 2 and "does not exist" in bad.stderr
+
+
+@pytest.mark.parametrize("alpha, source", [(0.0, "a"), (1.0, "b")])
+def test_weighted_sum_at_alpha_0_and_1_returns_an_input_bit_identically(tmp_path, alpha, source) -> None:
+    paths = {"a": model(tmp_path / "a.safetensors", 1), "b": model(tmp_path / "b.safetensors", 2)}
+    merged = load_file(str(merge_checkpoints(paths["a"], paths["b"], tmp_path / "m.safetensors", alpha=alpha)))
+    original = load_file(str(paths[source]))
+    assert all(torch.equal(merged[name], original[name]) for name in original if name != "position_ids")

@@ -3,8 +3,8 @@
 weighted-sum:   A * (1 - alpha) + B * alpha
 add-difference: A + (B - C) * alpha      (e.g. add what an inpainting model learned to another model)
 
-Inputs are memory-mapped (safetensors safe_open) and the output is written with write_streaming, so memory stays
-near one tensor, not three models. Mismatched architectures (different names or shapes) are refused before
+Inputs are read one tensor at a time (StreamingReader: plain reads, no memory map whose pages would pile up in the
+resident set) and the output is written with write_streaming, so memory stays near one tensor, not three models. Mismatched architectures (different names or shapes) are refused before
 anything is written.
 """
 
@@ -14,26 +14,25 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-
 from dapple.errors import DappleError
-from dapple.models.safetensors_stream import DTYPE_NAMES, write_streaming
-
-TORCH_DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
+from dapple.models.safetensors_stream import StreamingReader, write_streaming
 
 MODES = ("weighted-sum", "add-difference")
 
 
-def _open(stack: ExitStack, path: Path):
+def _open(stack: ExitStack, path: Path) -> StreamingReader:
     if path.suffix != ".safetensors":
         raise DappleError(f"{path} is not a .safetensors file; convert pickles first with `dapple convert`")
     if not path.is_file():
         raise DappleError(f"{path} does not exist")
-    return stack.enter_context(safe_open(str(path), framework="pt"))
+    try:
+        return stack.enter_context(StreamingReader(path))
+    except ValueError as error:
+        raise DappleError(str(error)) from None
 
 
-def _shapes(handle) -> dict[str, tuple[int, ...]]:
-    return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+def _shapes(handle: StreamingReader) -> dict[str, tuple[int, ...]]:
+    return {name: handle.shape(name) for name in handle.keys()}
 
 
 def merge_checkpoints(a: Path, b: Path, out: Path, *, mode: str = "weighted-sum", alpha: float = 0.5,
@@ -61,10 +60,10 @@ def merge_checkpoints(a: Path, b: Path, out: Path, *, mode: str = "weighted-sum"
                     f"{len(extra)} extra (e.g. {extra[:2]}), {len(differ)} of another shape (e.g. {differ[:2]}); "
                     "only models of the same architecture can be merged"
                 )
-        dtypes = {name: TORCH_DTYPES[inputs[0].get_slice(name).get_dtype()] for name in shapes[0]}
+        dtypes = {name: inputs[0].dtype(name) for name in shapes[0]}
 
         def merged(name: str) -> torch.Tensor:
-            tensors = [handle.get_tensor(name) for handle in inputs]
+            tensors = [handle.tensor(name) for handle in inputs]
             if not tensors[0].is_floating_point():  # integer buffers (position ids): keep A's
                 return tensors[0]
             work = [t.float() for t in tensors]

@@ -56,3 +56,56 @@ def write_streaming(
     finally:
         temporary.unlink(missing_ok=True)
     return path
+
+
+TORCH_DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
+
+
+class StreamingReader:
+    """Read tensors of a .safetensors file one at a time with plain file reads.
+
+    safetensors' safe_open memory-maps the file, and every page read stays in the process's resident set until
+    the file is closed; reading with seek/read keeps only the tensor being used in memory."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._file = open(self.path, "rb")
+        try:
+            (length,) = struct.unpack("<Q", self._file.read(8))
+            if length > 100 * 2**20:
+                raise ValueError("header too large")
+            header = json.loads(self._file.read(length))
+        except (struct.error, ValueError) as error:
+            self._file.close()
+            raise ValueError(f"{self.path} is not a valid .safetensors file ({error})") from None
+        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        self._entries = header
+        self._data_start = 8 + length
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._entries[name]["shape"])
+
+    def dtype(self, name: str) -> torch.dtype:
+        code = self._entries[name]["dtype"]
+        if code not in TORCH_DTYPES:
+            raise ValueError(f"{self.path}: tensor {name} has dtype {code}, which Dapple does not read")
+        return TORCH_DTYPES[code]
+
+    def tensor(self, name: str) -> torch.Tensor:
+        start, end = self._entries[name]["data_offsets"]
+        self._file.seek(self._data_start + start)
+        data = bytearray(self._file.read(end - start))
+        flat = torch.frombuffer(data, dtype=self.dtype(name)) if data else torch.empty(0, dtype=self.dtype(name))
+        return flat.reshape(self.shape(name))
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> StreamingReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
