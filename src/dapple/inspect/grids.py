@@ -22,7 +22,8 @@ def parameter_grid(pipe, prompt: str, out: Path, x: tuple[str, Sequence[Any]],
             raise InvalidRequestError(f"grid axis {name!r} is unknown; allowed: {', '.join(AXES)}")
         if not values:
             raise InvalidRequestError(f"grid axis {name!r} has no values")
-    options.setdefault("seed", 0)
+    if "seed" not in (x[0], y[0] if y else None):
+        options.setdefault("seed", 0)
     y_name, y_values = y if y else ("", [None])
     cells = []
     for y_value in y_values:
