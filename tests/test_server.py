@@ -117,3 +117,14 @@ def test_basic_auth_guards_every_route_and_cors_is_off_by_default(tmp_path, pipe
     with TestClient(create_app(service, cors_origins=["https://example.com"])) as client:
         answer = client.get("/api/v1/health", headers={"origin": "https://example.com"})
         assert answer.headers["access-control-allow-origin"] == "https://example.com"
+
+
+def test_studio_page_is_served_and_uses_only_the_native_api(client) -> None:
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    for element in ('id="prompt"', 'id="sampler"', 'id="mask"', 'id="gallery"', "EventSource", "Ctrl+Enter"):
+        assert element in page.text
+    assert "/sdapi" not in page.text and "http://" not in page.text and "https://" not in page.text
+    job = finished(client, client.post("/api/v1/jobs", json=FAST).json()["id"])
+    entry = client.get("/api/v1/images").json()[0]
+    assert entry["id"] == job["image_ids"][0] and entry["parameters"]["Seed"] == 3  # for "use these settings"

@@ -23,16 +23,18 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from PIL import Image
 
 from dapple.errors import InvalidRequestError, UnknownSamplerError
+from dapple.infotext import parse_infotext
 from dapple.interfaces import a1111
 from dapple.request import GenerationRequest
 from dapple.samplers import sampler_names
 from dapple.service.jobs import STATUSES, Job, JobNotFoundError, JobService, QueueFullError
 
 DEFAULT_MAX_BODY = 32 * 1024 * 1024
+STUDIO = Path(__file__).with_name("studio") / "index.html"
 
 
 def _job_view(job: Job) -> dict[str, Any]:
@@ -115,6 +117,11 @@ def create_app(service: JobService, *, max_body: int = DEFAULT_MAX_BODY, model_n
     async def queue_full(request: Request, error: QueueFullError):
         return JSONResponse({"detail": str(error)}, status_code=429, headers={"Retry-After": "5"})
 
+    @app.get("/", include_in_schema=False)
+    def studio() -> FileResponse:
+        """The web studio: one static page on the native API (no build step, no network)."""
+        return FileResponse(STUDIO, media_type="text/html")
+
     @app.get("/api/v1/health")
     def health() -> dict[str, Any]:
         return {"status": "ok", "queued": len(service.list("queued", limit=10_000))}
@@ -186,6 +193,7 @@ def create_app(service: JobService, *, max_body: int = DEFAULT_MAX_BODY, model_n
         entries = service.images(max(0, offset), max(1, min(limit, 500)))
         for entry in entries:
             entry.pop("file")
+            entry["parameters"] = parse_infotext(entry["infotext"])  # for "use these settings"
         return entries
 
     @app.get("/api/v1/images/{image_id}")
