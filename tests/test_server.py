@@ -89,6 +89,7 @@ def test_limits_and_unknown_ids(client) -> None:
     assert client.get("/api/v1/jobs?status=lost").status_code == 422
     assert client.get("/api/v1/health").json()["status"] == "ok"
     assert "Euler a" in client.get("/api/v1/samplers").json()
+    assert client.get("/api/v1/models").json()[0]["loaded"] is True
     assert "/api/v1/jobs" in client.get("/openapi.json").json()["paths"]
 
 

@@ -126,6 +126,11 @@ def create_app(service: JobService, *, max_body: int = DEFAULT_MAX_BODY, model_n
     def health() -> dict[str, Any]:
         return {"status": "ok", "queued": len(service.list("queued", limit=10_000))}
 
+    @app.get("/api/v1/models")
+    def models() -> list[dict[str, Any]]:
+        """The model this server runs (one per server until the model library lands)."""
+        return [{"name": model_name, "path": str(model_path) if model_path else None, "loaded": True}]
+
     @app.get("/api/v1/samplers")
     def samplers() -> list[str]:
         return sampler_names()
