@@ -75,10 +75,22 @@ def test_events_stream_until_the_job_ends(client) -> None:
     ({**FAST, "colour": "red"}, 422, "colour: Extra inputs are not permitted"),
     ({**FAST, "mask": "abc"}, 422, "mask needs init_image"),
     ({**FAST, "sampler": "Euler b"}, 404, "unknown sampler 'Euler b'"),
+    ({**FAST, "init_image": "/etc/hostname"}, 422, "init_image"),  # a server path is never opened
+    ({**FAST, "init_image": "bm90IGFuIGltYWdl"}, 422, "init_image is not a readable image"),
+    ({**FAST, "init_image": 12}, 422, "must be a base64-encoded image"),
 ])
 def test_bad_requests_get_clear_errors(client, body, status, message) -> None:
     response = client.post("/api/v1/jobs", json=body)
     assert response.status_code == status and message in response.json()["detail"]
+
+
+def test_images_over_the_pixel_limit_are_refused_on_arrival(client) -> None:
+    buffer = io.BytesIO()
+    Image.new("L", (5000, 5000)).save(buffer, format="PNG")
+    header_only = base64.b64encode(buffer.getvalue()[:200]).decode()  # decoding it would fail differently
+    response = client.post("/api/v1/jobs", json={**FAST, "init_image": header_only})
+    assert response.status_code == 422 and "5000x5000 = 25000000 pixels" in response.json()["detail"]
+    assert client.get("/api/v1/jobs").json() == []  # nothing was queued
 
 
 def test_limits_and_unknown_ids(client) -> None:

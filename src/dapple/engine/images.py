@@ -30,12 +30,12 @@ class MaskResizedWarning(DappleWarning):
     """The mask's size differed from the image's; it was resized to fit."""
 
 
-def _decode_base64(text: str) -> bytes:
+def _decode_base64(text: str, what: str = "image") -> bytes:
     payload = text.split(",", 1)[1] if text.startswith("data:") else text
     try:
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as error:
-        raise InvalidRequestError(f"not valid base64 image data ({error})") from None
+        raise InvalidRequestError(f"{what} is not valid base64 image data ({error})") from None
 
 
 def _check_pixels(width: int, height: int, max_pixels: int, what: str) -> None:
@@ -62,7 +62,7 @@ def open_image(source: Any, *, max_pixels: int = DEFAULT_MAX_PIXELS, what: str =
     if isinstance(source, (bytes, bytearray)):
         stream: Any = io.BytesIO(bytes(source))
     elif isinstance(source, str) and (source.startswith("data:") or len(source) > 1024):
-        stream = io.BytesIO(_decode_base64(source))
+        stream = io.BytesIO(_decode_base64(source, what))
     elif isinstance(source, (str, Path)):
         path = Path(source)
         if not path.is_file():
@@ -83,6 +83,22 @@ def open_image(source: Any, *, max_pixels: int = DEFAULT_MAX_PIXELS, what: str =
     except OSError as error:  # PIL's UnidentifiedImageError is an OSError too
         raise InvalidRequestError(f"{what} could not be read as an image ({error})") from None
     return image
+
+
+def check_encoded_image(text: Any, *, max_pixels: int = DEFAULT_MAX_PIXELS, what: str = "image") -> None:
+    """For images arriving over the network: only base64 (or a data: URL) is accepted, never a path on the
+    server, and the size is read from the header and checked without decoding the pixels."""
+    if not isinstance(text, str) or not text:
+        raise InvalidRequestError(f"{what} must be a base64-encoded image (or a data: URL)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(_decode_base64(text, what))) as image:  # the header only
+                _check_pixels(*image.size, max_pixels, what)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise InvalidRequestError(f"{what} refused: {error}") from None
+    except OSError as error:
+        raise InvalidRequestError(f"{what} is not a readable image ({error})") from None
 
 
 def resize_to(image: Image.Image, width: int, height: int, mode: str = "just resize") -> Image.Image:

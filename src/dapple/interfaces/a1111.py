@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse
 from PIL import Image
 
 from dapple._version import __version__
+from dapple.engine.images import check_encoded_image
 from dapple.errors import DappleError, InvalidRequestError, UnknownSamplerError
 from dapple.infotext import PNG_KEY, parse_infotext
 from dapple.request import HIRES_UPSCALERS, LATENT_UPSCALERS
@@ -125,6 +126,12 @@ def create_router(service: JobService, model_name: str, model_path: Path | None)
 
     def generate(body: dict[str, Any], mode: str) -> dict[str, Any]:
         fields, ignored = translate(body, mode)
+        for name in ("init_image", "mask"):
+            if fields.get(name) is not None:
+                try:
+                    check_encoded_image(fields[name], what=name)
+                except InvalidRequestError as error:
+                    raise A1111Error(400, str(error)) from None
         job = service.run_and_wait(fields)
         if job.status == "failed":
             raise A1111Error(400 if "image" in (job.error or "") else 500, job.error or "generation failed")

@@ -26,6 +26,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from PIL import Image
 
+from dapple.engine.images import check_encoded_image
 from dapple.errors import InvalidRequestError, UnknownSamplerError
 from dapple.infotext import parse_infotext
 from dapple.interfaces import a1111
@@ -37,10 +38,20 @@ DEFAULT_MAX_BODY = 32 * 1024 * 1024
 STUDIO = Path(__file__).with_name("studio") / "index.html"
 
 
+IMAGE_FIELDS = ("init_image", "mask", "depth_map")
+
+
+def check_network_images(fields: dict[str, Any]) -> None:
+    """Images from clients must be base64 (never a server path) within the pixel limit, checked on arrival."""
+    for name in IMAGE_FIELDS:
+        if fields.get(name) is not None:
+            check_encoded_image(fields[name], what=name)
+
+
 def _job_view(job: Job) -> dict[str, Any]:
     view = asdict(job)
     request = dict(view.pop("request"))
-    for name in ("init_image", "mask", "depth_map"):  # images are echoed as a mark, not megabytes of base64
+    for name in IMAGE_FIELDS:  # images are echoed as a mark, not megabytes of base64
         if request.get(name) is not None:
             request[name] = "<image>"
     view["request"] = request
@@ -137,7 +148,9 @@ def create_app(service: JobService, *, max_body: int = DEFAULT_MAX_BODY, model_n
 
     @app.post("/api/v1/jobs", status_code=202)
     def submit(request: GenerationRequest) -> dict[str, Any]:
-        job = service.submit(request.model_dump(exclude_unset=True))
+        fields = request.model_dump(exclude_unset=True)
+        check_network_images(fields)
+        job = service.submit(fields)
         return {"id": job.id, "status": job.status, "position": job.position}
 
     @app.get("/api/v1/jobs")
