@@ -11,7 +11,7 @@ from dapple.train.builtin_training import BuiltinTrainer, TrainingConfig
 CONFIG = TrainingConfig(
     architecture=TINY_ARCHITECTURE, vae_steps=40, vae_batch_size=8, vae_learning_rate=3e-3,
     diffusion_steps=40, diffusion_batch_size=16, diffusion_learning_rate=2e-3, warmup_steps=5,
-    scene_pool=128, checkpoint_every=7, log_every=10,
+    scene_pool=128, checkpoint_every=7, log_every=10, multires_noise_from_step=20,
 )
 PROBE = 10**6  # a batch index no run reaches: a fixed held-aside batch to measure the loss on
 
@@ -42,7 +42,7 @@ def test_training_lowers_the_loss_and_exports_a_loadable_model(tmp_path) -> None
 
 
 def test_a_stopped_run_resumes_to_the_same_weights(tmp_path) -> None:
-    config = TrainingConfig(**{**CONFIG.__dict__, "vae_steps": 6, "diffusion_steps": 12})
+    config = TrainingConfig(**{**CONFIG.__dict__, "vae_steps": 6, "diffusion_steps": 12, "multires_noise_from_step": 2})
     straight = BuiltinTrainer(tmp_path / "straight", config)
     straight.run(progress=False)
 

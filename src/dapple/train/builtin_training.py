@@ -4,7 +4,9 @@ Stage 1, VAE (Kingma & Welling, 2014; SD's AutoencoderKL): reconstruction MSE pl
 posterior mean. Its latents' standard deviation sets the scaling factor, as in Rombach et al. (2022).
 Stage 2, diffusion (Ho et al., 2020, epsilon prediction on SD's scaled_linear schedule): the text encoder and
 UNet learn together; ~10% of captions are emptied so that classifier-free guidance works (Ho & Salimans, 2022);
-the loss is weighted by min-SNR-gamma (Hang et al., 2023); EMA weights are what gets exported.
+the loss is weighted by min-SNR-gamma (Hang et al., 2023); multi-resolution noise (dapple.train.noise) keeps
+the schedule's signal leak from teaching the UNet to place shapes by the noise instead of the caption; EMA
+weights are what gets exported.
 
 Every batch is a pure function of (seed, stage, step), so a run stopped at any point and resumed from its last
 checkpoint continues with exactly the data it would have seen.
@@ -36,6 +38,7 @@ from dapple.train.checkpoint import load_checkpoint, save_checkpoint
 from dapple.train.data.captions import caption_for
 from dapple.train.data.shapes import ShapesWorld
 from dapple.train.evaluate import evaluate_reconstructions
+from dapple.train.noise import multires_noise
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,11 @@ class TrainingConfig:
     warmup_steps: int = 300
     empty_caption_rate: float = 0.1
     min_snr_gamma: float = 5.0
+    # Multi-resolution noise (dapple.train.noise) from this diffusion step on, so that position is learned from
+    # the caption. The first 3250 steps of the shipped run used white noise: position came out at chance (the
+    # shape went wherever the starting noise put it, whatever the prompt said); the rest of the run fixes that.
+    multires_noise_discount: float = 0.8
+    multires_noise_from_step: int = 3250
     ema_power: float = 0.75  # EMA warm-up: decay reaches 0.999 after ~10k steps
     scene_pool: int = 20000  # training scenes encoded once to latents for stage 2
     checkpoint_every: int = 250
@@ -215,7 +223,8 @@ class BuiltinTrainer:
         """The min-SNR-weighted epsilon loss on the batch of `step` (fixed noise and timesteps per step)."""
         latents, captions = self.diffusion_batch(step, specs, pool)
         generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + step)
-        noise = torch.randn(latents.shape, generator=generator).to(self.device)
+        discount = self.config.multires_noise_discount if step >= self.config.multires_noise_from_step else 0.0
+        noise = multires_noise(tuple(latents.shape), generator, discount).to(self.device)
         timesteps = torch.randint(0, self.noise_schedule.config.num_train_timesteps, (latents.shape[0],),
                                   generator=generator).to(self.device)
         noisy = self.noise_schedule.add_noise(latents, noise, timesteps)
