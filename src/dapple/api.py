@@ -10,9 +10,11 @@ from dapple.engine.pipeline import Pipeline
 from dapple.errors import ModelLoadError
 from dapple.models.loader import load_components
 
+from dapple.models.single_file import CHECKPOINT_SUFFIXES, load_single_file
+from dapple.request import Limits
+
 # Where the built-in model's diffusers folder ships inside the package (once its weights meet their bar).
 BUILTIN_MODEL_DIR = Path(__file__).parent / "models" / "assets" / "builtin"
-from dapple.request import Limits
 
 
 def load(
@@ -22,11 +24,14 @@ def load(
     dtype: str | torch.dtype | None = None,
     allow_pickle: bool = False,
     limits: Limits | None = None,
+    prediction_type: str | None = None,
 ) -> Pipeline:
-    """Load a diffusers model folder (or, online, a hub id; or with no path, the built-in model).
+    """Load a diffusers model folder, a single-file SD 1.x / 2.x checkpoint (.safetensors, as A1111 and ComfyUI
+    use), or, online, a hub id; with no path, the built-in model.
 
     device: None picks CUDA, then MPS, then CPU. dtype: None picks float16 on GPUs and float32 on the CPU.
     allow_pickle: permit .bin/.ckpt weights (loaded with torch's weights_only mode); off by default.
+    prediction_type: "epsilon" or "v_prediction" for a single file whose own markers should be overridden.
     """
     if path is None:
         if not (BUILTIN_MODEL_DIR / "model_index.json").is_file():
@@ -35,5 +40,9 @@ def load(
                 "shipped yet"
             )
         path = BUILTIN_MODEL_DIR
-    components = load_components(path, device=device, dtype=dtype, allow_pickle=allow_pickle)
+    if Path(path).expanduser().is_file() and Path(path).suffix.lower() in CHECKPOINT_SUFFIXES:
+        components = load_single_file(path, device=device, dtype=dtype, allow_pickle=allow_pickle,
+                                      prediction_type=prediction_type)
+    else:
+        components = load_components(path, device=device, dtype=dtype, allow_pickle=allow_pickle)
     return Pipeline(components, limits=limits)

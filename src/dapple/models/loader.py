@@ -86,7 +86,8 @@ def locate_model(path: str | Path) -> Path:
     if folder.is_dir():
         return folder
     if folder.exists():
-        raise ModelLoadError(f"{path}: is a file; expected a diffusers model folder with model_index.json")
+        raise ModelLoadError(f"{path}: is a file but not a checkpoint; expected a single-file checkpoint "
+                             "(.safetensors, .ckpt, .pt, .pth) or a diffusers model folder with model_index.json")
     if isinstance(path, str) and _HUB_ID.match(path) and not path.startswith("."):
         return _download(path)
     raise ModelLoadError(f"model folder {path} does not exist")

@@ -85,3 +85,40 @@ def save_tiny_model(folder: str | Path, seed: int = 0, unet_in_channels: int = 4
     folder = Path(folder)
     build_tiny_pipeline(seed, unet_in_channels).save_pretrained(str(folder), safe_serialization=True)
     return folder
+
+
+def build_tiny_family_pipeline(family: str, seed: int = 0, prediction_type: str = "epsilon"
+                               ) -> StableDiffusionPipeline:
+    """Tiny random components that follow a family's conventions exactly as its single files imply them
+    (dapple.models.single_file): "sd1" (CLIP text encoder with quick-GELU, 8-head UNet attention) or "sd2"
+    (OpenCLIP-style GELU text encoder, tokenizer padding with "!", 64-dim attention heads, linear projections).
+    Attention heads are 64 channels wide, as in the real models, so every size is a multiple of 64."""
+    from transformers import CLIPTokenizer
+
+    from dapple.models.tokenizer import BUNDLED_TOKENIZER_DIR
+
+    if family not in ("sd1", "sd2"):
+        raise ValueError(f"family {family!r}: allowed are 'sd1' and 'sd2'")
+    torch.manual_seed(seed)
+    sd2 = family == "sd2"
+    unet = UNet2DConditionModel(
+        block_out_channels=(64, 128), layers_per_block=1, sample_size=32, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=64, attention_head_dim=[1, 2] if sd2 else 8, use_linear_projection=sd2,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4, sample_size=64,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+    )
+    tokenizer = (CLIPTokenizer.from_pretrained(str(BUNDLED_TOKENIZER_DIR), local_files_only=True, pad_token="!")
+                 if sd2 else bundled_clip_tokenizer())
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_attention_heads=1,
+        num_hidden_layers=2, max_position_embeddings=77, hidden_act="gelu" if sd2 else "quick_gelu",
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    ))
+    return StableDiffusionPipeline(
+        vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(),
+        scheduler=PNDMScheduler(**{**SD15_SCHEDULER_CONFIG, "prediction_type": prediction_type}),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
