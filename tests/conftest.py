@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 import dapple
 from dapple.models.tiny import save_tiny_model
+
+
+@pytest.fixture(scope="session", autouse=True)
+def hash_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Model-hash cache in a temporary folder, not the user's ~/.cache."""
+    folder = tmp_path_factory.mktemp("cache")
+    os.environ["DAPPLE_CACHE_DIR"] = str(folder)
+    return folder
 
 
 @pytest.fixture(scope="session")

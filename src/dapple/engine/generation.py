@@ -150,7 +150,8 @@ class Run:
             pixels=pixels,
             seeds=self.seeds,
             infotexts=build_infotexts(self.request, self.choice, self.seeds, self.width, self.height,
-                                      self.components.name, self.infotext_extra),
+                                      self.components.name, self.infotext_extra,
+                                      model_hash=self.components.short_hash),
             request=self.request,
             timings=self.timings,
         )
@@ -180,7 +181,7 @@ def _format_number(value: float) -> str:
 
 def build_infotexts(
     request: GenerationRequest, choice: SamplerChoice, seeds: Sequence[int], width: int, height: int, model: str,
-    extra: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None, model_hash: str | None = None,
 ) -> list[str]:
     """A1111-style parameters text for each image (only the seed differs); `extra` holds the mode's entries
     (Denoising strength, Mask blur, Hires upscale, ...) in A1111's order, after Model."""
@@ -193,7 +194,7 @@ def build_infotexts(
             "CFG scale": _format_number(request.guidance_scale),
             "Seed": seed,
             "Size": f"{width}x{height}",
-            "Model hash": None,  # filled in once model hashing lands (model library issue)
+            "Model hash": model_hash,
             "Model": model,
             **{key: _format_number(value) if isinstance(value, float) else value
                for key, value in (extra or {}).items()},

@@ -24,6 +24,7 @@ from dapple._version import __version__
 from dapple.engine.images import check_encoded_image
 from dapple.errors import DappleError, InvalidRequestError, UnknownSamplerError
 from dapple.infotext import PNG_KEY, parse_infotext
+from dapple.models.hashing import model_sha256
 from dapple.request import HIRES_UPSCALERS, LATENT_UPSCALERS
 from dapple.samplers import SAMPLERS, SCHEDULE_TYPES
 from dapple.service.jobs import JobService
@@ -113,15 +114,9 @@ def create_router(service: JobService, model_name: str, model_path: Path | None)
     model_hash: dict[str, str] = {}
 
     def short_hash() -> str:
-        """A1111's short hash (first 10 hex of sha256) of the model's UNet weights, computed once."""
+        """A1111's short hash (first 10 hex of sha256) of the checkpoint (dapple.models.hashing), computed once."""
         if "sha256" not in model_hash:
-            digest = hashlib.sha256()
-            files = sorted((model_path / "unet").glob("*.safetensors")) if model_path else []
-            for file in files:
-                with open(file, "rb") as handle:
-                    for block in iter(lambda: handle.read(1 << 20), b""):
-                        digest.update(block)
-            model_hash["sha256"] = digest.hexdigest()
+            model_hash["sha256"] = model_sha256(model_path) if model_path else hashlib.sha256().hexdigest()
         return model_hash["sha256"][:10]
 
     def generate(body: dict[str, Any], mode: str) -> dict[str, Any]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,6 +36,19 @@ class Components:
     vocabulary: frozenset[str] | None = None  # the words a closed-world model was trained on (None: not known)
     # Depth2img's seam for a depth estimator (image -> (H, W) array, larger = nearer); none ships or downloads.
     depth_estimator: Any = None
+
+    @cached_property
+    def short_hash(self) -> str | None:
+        """A1111's short model hash (sha256 of the checkpoint file, first 10 hex; for a diffusers folder, of its
+        UNet weights), or None for components that were not loaded from disk."""
+        from dapple.models.hashing import short_hash
+
+        if self.source is None or not Path(self.source).exists():
+            return None
+        try:
+            return short_hash(self.source)
+        except FileNotFoundError:
+            return None
 
     @property
     def device(self) -> torch.device:

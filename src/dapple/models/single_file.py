@@ -172,8 +172,10 @@ def read_tensors(path: Path, allow_pickle: bool = False) -> dict[str, torch.Tens
 
 
 def _sidecar_says_v(path: Path) -> bool:
+    """A1111's convention: FILE.yaml beside FILE.safetensors, whose model params say parameterization: "v"."""
     sidecar = path.with_suffix(".yaml")
-    return sidecar.is_file() and re.search(r"parameterization:\s*['\"]?v['\"]?\s*$", sidecar.read_text(), re.M) is not None
+    pattern = re.compile(r"parameterization:\s*['\"]?v['\"]?\s*$", re.M)
+    return sidecar.is_file() and pattern.search(sidecar.read_text()) is not None
 
 
 @torch.no_grad()

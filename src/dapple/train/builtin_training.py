@@ -62,6 +62,9 @@ class TrainingConfig:
     # shape went wherever the starting noise put it, whatever the prompt said); the rest of the run fixes that.
     multires_noise_discount: float = 0.8
     multires_noise_from_step: int = 3250
+    # From the same step: the loss weight in x0 terms never drops below this (min-SNR alone gives x0 weight
+    # SNR ~ 0.005 at t=999, where the layout is decided, so the caption's position words got no gradient).
+    x0_weight_floor: float = 0.1
     ema_power: float = 0.75  # EMA warm-up: decay reaches 0.999 after ~10k steps
     scene_pool: int = 20000  # training scenes encoded once to latents for stage 2
     checkpoint_every: int = 250
@@ -234,7 +237,10 @@ class BuiltinTrainer:
         prediction = self.unet(noisy, timesteps, encoder_hidden_states=text).sample
         per_sample = F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3))
         snr = compute_snr(self.noise_schedule, timesteps)
-        weights = torch.clamp(snr, max=self.config.min_snr_gamma) / snr  # min-SNR-gamma for epsilon targets
+        x0_weight = torch.clamp(snr, max=self.config.min_snr_gamma)  # min-SNR-gamma (in x0 terms)
+        if step >= self.config.multires_noise_from_step:
+            x0_weight = torch.clamp(x0_weight, min=self.config.x0_weight_floor)
+        weights = x0_weight / snr  # the same weight for epsilon targets: eps error^2 = SNR * x0 error^2
         return (weights * per_sample).mean()
 
     def diffusion_step(self, step: int, specs: list, pool: torch.Tensor) -> float:
