@@ -166,3 +166,31 @@ def test_the_key_layout_agrees_with_diffusers_converter_at_full_size(architectur
                     for d, o in pairs}
         converted = convert(original, dict(model.config))
         assert {k: float(v.flatten()[0]) for k, v in converted.items()} == labels
+
+
+def test_a_swapped_vae_decodes_and_is_named_in_the_infotext(models, tmp_path) -> None:
+    from dapple.infotext import parse_infotext
+    from dapple.models.hashing import short_hash
+    from dapple.models.single_file import write_vae_file
+
+    folder, file = models["sd1"]
+    own = dapple.load(folder, device="cpu")
+    other_vae = build_tiny_family_pipeline("sd1", seed=99).vae  # same shapes, other weights
+    vae_file = write_vae_file(other_vae, tmp_path / "other-vae.safetensors")
+    swapped = dapple.load(folder, device="cpu", vae=vae_file)
+    assert swapped.vae.config.scaling_factor == own.vae.config.scaling_factor
+    for name, tensor in other_vae.state_dict().items():
+        assert torch.equal(swapped.vae.state_dict()[name], tensor), name
+
+    a, b = own.generate(**GENERATE), swapped.generate(**GENERATE)
+    assert np.abs(a.pixels.numpy() - b.pixels.numpy()).max() > 0.05  # the VAE in use is the swapped one
+    parameters = parse_infotext(b.infotexts[0])
+    assert parameters["VAE"] == "other-vae.safetensors" and parameters["VAE hash"] == short_hash(vae_file)
+    assert "VAE" not in parse_infotext(a.infotexts[0])
+
+    from_single = dapple.load(folder, device="cpu", vae=file)  # a full checkpoint's VAE also serves
+    assert np.array_equal(from_single.generate(**GENERATE).pixels.numpy(), a.pixels.numpy())
+    with pytest.raises(ModelLoadError, match="no VAE tensors"):
+        lora = tmp_path / "x.safetensors"
+        save_file({"something.weight": torch.zeros(2)}, str(lora))
+        dapple.load(folder, device="cpu", vae=lora)

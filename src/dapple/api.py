@@ -8,9 +8,11 @@ import torch
 
 from dapple.engine.pipeline import Pipeline
 from dapple.errors import ModelLoadError
+from dapple.models.components import Components
+from dapple.models.devices import to_owned_channels_last
 from dapple.models.loader import load_components
 
-from dapple.models.single_file import CHECKPOINT_SUFFIXES, load_single_file
+from dapple.models.single_file import CHECKPOINT_SUFFIXES, load_single_file, load_vae
 from dapple.request import Limits
 
 # Where the built-in model's diffusers folder ships inside the package (once its weights meet their bar).
@@ -25,6 +27,7 @@ def load(
     allow_pickle: bool = False,
     limits: Limits | None = None,
     prediction_type: str | None = None,
+    vae: str | Path | None = None,
 ) -> Pipeline:
     """Load a diffusers model folder, a single-file SD 1.x / 2.x checkpoint (.safetensors, as A1111 and ComfyUI
     use), or, online, a hub id; with no path, the built-in model.
@@ -32,6 +35,7 @@ def load(
     device: None picks CUDA, then MPS, then CPU. dtype: None picks float16 on GPUs and float32 on the CPU.
     allow_pickle: permit .bin/.ckpt weights (loaded with torch's weights_only mode); off by default.
     prediction_type: "epsilon" or "v_prediction" for a single file whose own markers should be overridden.
+    vae: a VAE to use instead of the model's own (a .safetensors file as in A1111's models/VAE, or a folder).
     """
     if path is None:
         if not (BUILTIN_MODEL_DIR / "model_index.json").is_file():
@@ -45,4 +49,17 @@ def load(
                                       prediction_type=prediction_type)
     else:
         components = load_components(path, device=device, dtype=dtype, allow_pickle=allow_pickle)
+    if vae is not None:
+        swap_vae(components, vae, allow_pickle=allow_pickle)
     return Pipeline(components, limits=limits)
+
+
+def swap_vae(components: Components, vae: str | Path, *, allow_pickle: bool = False) -> None:
+    """Replace the components' VAE with the one at `vae` (see load_vae), on the same device and dtype."""
+    loaded = load_vae(vae, scaling_factor=components.latent_scaling_factor, allow_pickle=allow_pickle)
+    if int(loaded.config.latent_channels) != components.latent_channels:
+        raise ModelLoadError(f"VAE {vae} has {loaded.config.latent_channels} latent channels; this model's UNet "
+                             f"works on {components.latent_channels}")
+    components.vae = to_owned_channels_last(loaded.to(components.device, components.dtype).eval().requires_grad_(False))
+    components.vae_source = str(Path(vae).expanduser())
+    components.__dict__.pop("vae_short_hash", None)  # a cached_property of the previous VAE

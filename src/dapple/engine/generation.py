@@ -10,6 +10,7 @@ import random
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -143,6 +144,10 @@ class Run:
         self.timings["decode"] = time.perf_counter() - clock
         return pixels
 
+    def _vae_name(self) -> str | None:
+        """The swapped-in VAE's file name, as A1111's "VAE" infotext entry (None: the model's own VAE)."""
+        return Path(self.components.vae_source).name if self.components.vae_source else None
+
     def result(self, pixels: torch.Tensor, images: list[Image.Image] | None = None) -> GenerationResult:
         self.timings["total"] = time.perf_counter() - self.started
         return GenerationResult(
@@ -151,7 +156,8 @@ class Run:
             seeds=self.seeds,
             infotexts=build_infotexts(self.request, self.choice, self.seeds, self.width, self.height,
                                       self.components.name, self.infotext_extra,
-                                      model_hash=self.components.short_hash),
+                                      model_hash=self.components.short_hash, vae=self._vae_name(),
+                                      vae_hash=self.components.vae_short_hash),
             request=self.request,
             timings=self.timings,
         )
@@ -181,7 +187,8 @@ def _format_number(value: float) -> str:
 
 def build_infotexts(
     request: GenerationRequest, choice: SamplerChoice, seeds: Sequence[int], width: int, height: int, model: str,
-    extra: Mapping[str, Any] | None = None, model_hash: str | None = None,
+    extra: Mapping[str, Any] | None = None, model_hash: str | None = None, vae: str | None = None,
+    vae_hash: str | None = None,
 ) -> list[str]:
     """A1111-style parameters text for each image (only the seed differs); `extra` holds the mode's entries
     (Denoising strength, Mask blur, Hires upscale, ...) in A1111's order, after Model."""
@@ -196,6 +203,8 @@ def build_infotexts(
             "Size": f"{width}x{height}",
             "Model hash": model_hash,
             "Model": model,
+            "VAE hash": vae_hash,
+            "VAE": vae,
             **{key: _format_number(value) if isinstance(value, float) else value
                for key, value in (extra or {}).items()},
             "Version": f"dapple {__version__}",

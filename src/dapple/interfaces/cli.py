@@ -60,7 +60,9 @@ class GenerationOptions:
     seed = typer.Option(_defaults["seed"].default, help="-1 for random; image i uses seed + i")
     sampler = typer.Option(_defaults["sampler"].default, help="see `dapple samplers`")
     batch = typer.Option(_defaults["batch_size"].default, help="images per run, 1..16")
-    model = typer.Option(None, "--model", "-m", help="diffusers model folder (default: the built-in model)")
+    model = typer.Option(None, "--model", "-m", help="diffusers model folder or single-file checkpoint "
+                         "(default: the built-in model)")
+    vae = typer.Option(None, "--vae", help="a VAE instead of the model's own (.safetensors file or folder)")
     out = typer.Option(Path("outputs"), help="folder for the PNGs")
     device = typer.Option(None, help="cpu, cuda, cuda:N, mps (default: best available)")
     dtype = typer.Option(None, help="fp32, fp16, bf16 (default: fp16 on GPU, fp32 on CPU)")
@@ -71,7 +73,7 @@ class GenerationOptions:
 
 
 def _run_and_save(fields: dict, *, model: Optional[Path], out: Path, device: Optional[str], dtype: Optional[str],
-                  allow_pickle: bool) -> None:
+                  allow_pickle: bool, vae: Optional[Path] = None) -> None:
     """Validate a request, load the model, generate with a progress bar per pass, save PNGs, print their paths."""
     from tqdm import tqdm
 
@@ -87,7 +89,7 @@ def _run_and_save(fields: dict, *, model: Optional[Path], out: Path, device: Opt
         settings.limits.check(request)
         _quiet_libraries()
         pipe = dapple.load(settings.model, device=settings.device, dtype=settings.dtype,
-                           allow_pickle=settings.allow_pickle, limits=settings.limits)
+                           allow_pickle=settings.allow_pickle, limits=settings.limits, vae=vae)
         bars: dict[str, tqdm] = {}
 
         def advance(context: dapple.StepContext) -> None:
@@ -134,12 +136,13 @@ def generate(
     device: Optional[str] = GenerationOptions.device,
     dtype: Optional[str] = GenerationOptions.dtype,
     allow_pickle: bool = GenerationOptions.allow_pickle,
+    vae: Optional[Path] = GenerationOptions.vae,
 ) -> None:
     """Generate images from a prompt and save them as PNGs with A1111 infotext."""
     fields = dict(prompt=prompt, negative_prompt=negative, width=width, height=height, steps=steps,
                   guidance_scale=guidance, seed=seed, sampler=sampler, batch_size=batch, hires_scale=hires_scale,
                   hires_upscaler=hires_upscaler, hires_steps=hires_steps, hires_strength=hires_strength)
-    _run_and_save(fields, model=model, out=out, device=device, dtype=dtype, allow_pickle=allow_pickle)
+    _run_and_save(fields, model=model, out=out, device=device, dtype=dtype, allow_pickle=allow_pickle, vae=vae)
 
 
 @app.command()
@@ -161,12 +164,13 @@ def img2img(
     device: Optional[str] = GenerationOptions.device,
     dtype: Optional[str] = GenerationOptions.dtype,
     allow_pickle: bool = GenerationOptions.allow_pickle,
+    vae: Optional[Path] = GenerationOptions.vae,
 ) -> None:
     """Redraw an image after a prompt; --strength 0..1 sets how much changes (int(steps x strength) steps run)."""
     fields = dict(prompt=prompt, init_image=image, strength=strength, resize_mode=resize_mode,
                   negative_prompt=negative, width=width, height=height, steps=steps, guidance_scale=guidance,
                   seed=seed, sampler=sampler, batch_size=batch)
-    _run_and_save(fields, model=model, out=out, device=device, dtype=dtype, allow_pickle=allow_pickle)
+    _run_and_save(fields, model=model, out=out, device=device, dtype=dtype, allow_pickle=allow_pickle, vae=vae)
 
 
 @app.command()
@@ -193,13 +197,14 @@ def inpaint(
     device: Optional[str] = GenerationOptions.device,
     dtype: Optional[str] = GenerationOptions.dtype,
     allow_pickle: bool = GenerationOptions.allow_pickle,
+    vae: Optional[Path] = GenerationOptions.vae,
 ) -> None:
     """Repaint the masked area of an image after a prompt; the rest keeps its original pixels."""
     fields = dict(prompt=prompt, init_image=image, mask=mask, strength=strength, mask_blur=mask_blur,
                   invert_mask=invert_mask, inpainting_fill=fill, resize_mode=resize_mode, negative_prompt=negative,
                   width=width, height=height, steps=steps, guidance_scale=guidance, seed=seed, sampler=sampler,
                   batch_size=batch)
-    _run_and_save(fields, model=model, out=out, device=device, dtype=dtype, allow_pickle=allow_pickle)
+    _run_and_save(fields, model=model, out=out, device=device, dtype=dtype, allow_pickle=allow_pickle, vae=vae)
 
 
 @app.command()
@@ -223,12 +228,13 @@ def outpaint(
     device: Optional[str] = GenerationOptions.device,
     dtype: Optional[str] = GenerationOptions.dtype,
     allow_pickle: bool = GenerationOptions.allow_pickle,
+    vae: Optional[Path] = GenerationOptions.vae,
 ) -> None:
     """Extend an image's canvas on the chosen sides and draw the new area."""
     fields = dict(prompt=prompt, init_image=image, outpaint_left=left, outpaint_right=right, outpaint_top=top,
                   outpaint_bottom=bottom, strength=strength, mask_blur=mask_blur, negative_prompt=negative,
                   steps=steps, guidance_scale=guidance, seed=seed, sampler=sampler, batch_size=batch)
-    _run_and_save(fields, model=model, out=out, device=device, dtype=dtype, allow_pickle=allow_pickle)
+    _run_and_save(fields, model=model, out=out, device=device, dtype=dtype, allow_pickle=allow_pickle, vae=vae)
 
 
 @app.command()
@@ -248,11 +254,12 @@ def depth2img(
     device: Optional[str] = GenerationOptions.device,
     dtype: Optional[str] = GenerationOptions.dtype,
     allow_pickle: bool = GenerationOptions.allow_pickle,
+    vae: Optional[Path] = GenerationOptions.vae,
 ) -> None:
     """Depth-guided generation for depth models (SD 2 depth layout: a 5-channel UNet)."""
     fields = dict(prompt=prompt, init_image=image, depth_map=depth, strength=strength, negative_prompt=negative,
                   steps=steps, guidance_scale=guidance, seed=seed, sampler=sampler, batch_size=batch)
-    _run_and_save(fields, model=model, out=out, device=device, dtype=dtype, allow_pickle=allow_pickle)
+    _run_and_save(fields, model=model, out=out, device=device, dtype=dtype, allow_pickle=allow_pickle, vae=vae)
 
 
 @app.command()

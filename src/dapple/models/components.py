@@ -36,6 +36,7 @@ class Components:
     vocabulary: frozenset[str] | None = None  # the words a closed-world model was trained on (None: not known)
     # Depth2img's seam for a depth estimator (image -> (H, W) array, larger = nearer); none ships or downloads.
     depth_estimator: Any = None
+    vae_source: str | None = None  # a VAE swapped in from elsewhere (None: the model's own)
 
     @cached_property
     def short_hash(self) -> str | None:
@@ -49,6 +50,15 @@ class Components:
             return short_hash(self.source)
         except FileNotFoundError:
             return None
+
+    @cached_property
+    def vae_short_hash(self) -> str | None:
+        """The swapped-in VAE's short hash (A1111's "VAE hash"), or None for the model's own VAE."""
+        from dapple.models.hashing import short_hash
+
+        if self.vae_source is None or not Path(self.vae_source).is_file():
+            return None
+        return short_hash(self.vae_source)
 
     @property
     def device(self) -> torch.device:

@@ -290,3 +290,41 @@ def write_single_file(components: Components, out: str | Path, family: str,
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(out))
     return out
+
+
+# -- VAE swap -------------------------------------------------------------------------------------------------------
+def load_vae(path: str | Path, *, scaling_factor: float, allow_pickle: bool = False) -> AutoencoderKL:
+    """A VAE other than the checkpoint's (A1111's models/VAE): an original-layout file (as A1111 and ComfyUI
+    keep them, keys with or without first_stage_model.), a full single-file checkpoint (its VAE is taken),
+    a diffusers AutoencoderKL folder, or a diffusers model folder (its vae/). The scaling factor stays the
+    model's: SD 1.x and 2.x VAEs share 0.18215, and it belongs to the diffusion model's training."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        folder = path / "vae" if (path / "vae" / "config.json").is_file() else path
+        if not (folder / "config.json").is_file():
+            raise ModelLoadError(f"{path}: not a VAE: expected a .safetensors file or a folder with config.json")
+        vae = AutoencoderKL.from_pretrained(str(folder), local_files_only=True)
+    elif path.is_file() and path.suffix.lower() in CHECKPOINT_SUFFIXES:
+        tensors = read_tensors(path, allow_pickle)
+        if any(key.startswith(VAE_PREFIX) for key in tensors):
+            tensors = {k[len(VAE_PREFIX):]: v for k, v in tensors.items() if k.startswith(VAE_PREFIX)}
+        if "encoder.conv_in.weight" not in tensors or "decoder.conv_out.weight" not in tensors:
+            raise ModelLoadError(f"{path}: no VAE tensors (encoder.*, decoder.*) in the original layout")
+        vae = AutoencoderKL(**vae_config({k: tuple(v.shape) for k, v in tensors.items()}))
+        tensors = {k: v.flatten(1) if is_vae_attention_matrix(k) else v for k, v in tensors.items()}
+        _load_renamed(vae, dict(vae_key_pairs(vae.config, vae.state_dict())), tensors, "VAE")
+    else:
+        raise ModelLoadError(f"VAE {path} does not exist or is not a .safetensors / .ckpt file or a folder")
+    vae.register_to_config(scaling_factor=scaling_factor)
+    return vae
+
+
+def write_vae_file(vae: AutoencoderKL, out: str | Path) -> Path:
+    """A VAE as a standalone original-layout .safetensors file (the form A1111's models/VAE holds)."""
+    state = vae.state_dict()
+    tensors = {}
+    for diffusers_key, original in vae_key_pairs(vae.config, state):
+        tensor = state[diffusers_key]
+        tensors[original] = tensor[:, :, None, None] if is_vae_attention_matrix(original) else tensor
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(out))
+    return Path(out)
