@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -28,6 +29,7 @@ def load(
     limits: Limits | None = None,
     prediction_type: str | None = None,
     vae: str | Path | None = None,
+    lora_dirs: Sequence[str | Path] = (),
 ) -> Pipeline:
     """Load a diffusers model folder, a single-file SD 1.x / 2.x checkpoint (.safetensors, as A1111 and ComfyUI
     use), or, online, a hub id; with no path, the built-in model.
@@ -36,6 +38,7 @@ def load(
     allow_pickle: permit .bin/.ckpt weights (loaded with torch's weights_only mode); off by default.
     prediction_type: "epsilon" or "v_prediction" for a single file whose own markers should be overridden.
     vae: a VAE to use instead of the model's own (a .safetensors file as in A1111's models/VAE, or a folder).
+    lora_dirs: folders where `<lora:name:weight>` in a prompt finds name.safetensors.
     """
     if path is None:
         if not (BUILTIN_MODEL_DIR / "model_index.json").is_file():
@@ -51,7 +54,7 @@ def load(
         components = load_components(path, device=device, dtype=dtype, allow_pickle=allow_pickle)
     if vae is not None:
         swap_vae(components, vae, allow_pickle=allow_pickle)
-    return Pipeline(components, limits=limits)
+    return Pipeline(components, limits=limits, lora_dirs=lora_dirs)
 
 
 def swap_vae(components: Components, vae: str | Path, *, allow_pickle: bool = False) -> None:

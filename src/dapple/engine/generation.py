@@ -22,6 +22,7 @@ from dapple.engine.conditioning import Conditioning, encode_prompt, warn_unknown
 from dapple.engine.hooks import Previewer, StepHooks
 from dapple.engine.latents import approximate_rgb, decode, draw_noise, make_generators, to_pil
 from dapple.engine.loop import denoise
+from dapple.engine.prompt_syntax import extract_extra_networks
 from dapple.infotext import format_infotext
 from dapple.models.components import Components
 from dapple.request import MAX_SEED, GenerationRequest, GenerationResult
@@ -157,7 +158,7 @@ class Run:
             infotexts=build_infotexts(self.request, self.choice, self.seeds, self.width, self.height,
                                       self.components.name, self.infotext_extra,
                                       model_hash=self.components.short_hash, vae=self._vae_name(),
-                                      vae_hash=self.components.vae_short_hash),
+                                      vae_hash=self.components.vae_short_hash, loras=self.components.lora_hashes),
             request=self.request,
             timings=self.timings,
         )
@@ -169,10 +170,11 @@ def begin_run(
     """Resolve the sampler and seeds, encode the prompts, and make the generators."""
     choice = resolve_sampler(request.sampler)
     seeds = batch_seeds(request.seed, request.batch_size)
-    warn_unknown_words(request.prompt, request.negative_prompt, components.vocabulary)
+    prompt, _ = extract_extra_networks(request.prompt)  # <lora:...> tags were applied to the weights already
+    warn_unknown_words(prompt, request.negative_prompt, components.vocabulary)
     clock = time.perf_counter()
     conditioning = encode_prompt(
-        components.tokenizer, components.text_encoder, request.prompt, request.negative_prompt,
+        components.tokenizer, components.text_encoder, prompt, request.negative_prompt,
         guidance_scale=request.guidance_scale, batch_size=len(seeds),
     )
     run = Run(components, request, choice, seeds, width, height, conditioning, make_generators(seeds),
@@ -188,11 +190,12 @@ def _format_number(value: float) -> str:
 def build_infotexts(
     request: GenerationRequest, choice: SamplerChoice, seeds: Sequence[int], width: int, height: int, model: str,
     extra: Mapping[str, Any] | None = None, model_hash: str | None = None, vae: str | None = None,
-    vae_hash: str | None = None,
+    vae_hash: str | None = None, loras: Mapping[str, str] | None = None,
 ) -> list[str]:
     """A1111-style parameters text for each image (only the seed differs); `extra` holds the mode's entries
     (Denoising strength, Mask blur, Hires upscale, ...) in A1111's order, after Model."""
     texts = []
+    lora_hashes = ", ".join(f"{name}: {digest}" for name, digest in (loras or {}).items()) or None
     for seed in seeds:
         parameters = {
             "Steps": request.steps,
@@ -205,6 +208,7 @@ def build_infotexts(
             "Model": model,
             "VAE hash": vae_hash,
             "VAE": vae,
+            "Lora hashes": lora_hashes,
             **{key: _format_number(value) if isinstance(value, float) else value
                for key, value in (extra or {}).items()},
             "Version": f"dapple {__version__}",

@@ -14,6 +14,7 @@ from __future__ import annotations
 import gc
 import traceback
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,8 +25,10 @@ from dapple.engine.conditioning import Conditioning, encode_prompt
 from dapple.engine.hooks import CancelToken, StepContext, StepHooks
 from dapple.engine.latents import decode, seeded_noise, to_pil
 from dapple.engine.modes import run_request
+from dapple.engine.prompt_syntax import ExtraNetwork, extract_extra_networks
 from dapple.errors import GenerationCancelled
 from dapple.models.components import Components
+from dapple.models.lora import LORA_HASH_LENGTH, LoraLayer, LoraPatcher, find_in_folders, read_lora
 from dapple.request import DEFAULT_SAMPLER, GenerationRequest, GenerationResult, Hires, Limits, make_request
 from dapple.samplers import create_scheduler
 
@@ -35,10 +38,14 @@ StepCallback = Callable[[StepContext], None]
 class Pipeline:
     """A Stable Diffusion model ready to generate. Built by dapple.load(); holds no per-run state."""
 
-    def __init__(self, components: Components, *, limits: Limits | None = None) -> None:
+    def __init__(self, components: Components, *, limits: Limits | None = None,
+                 lora_dirs: Sequence[str | Path] = ()) -> None:
         self.components = components
         self.limits = limits or Limits()
         self._scheduler: SchedulerMixin | None = None
+        self.lora_dirs: list[Path] = [Path(folder) for folder in lora_dirs]  # where <lora:name:w> looks
+        self._patcher = LoraPatcher(components.unet, components.text_encoder)
+        self._lora_layers: dict[tuple[str, int, int], list[LoraLayer]] = {}
 
     # -- the components, as diffusers users know them ------------------------------------------------------
     @property
@@ -189,6 +196,7 @@ class Pipeline:
     ) -> GenerationResult:
         """Run a prepared request (the entry point the CLI and servers use)."""
         self.limits.check(request)
+        self.apply_loras(extract_extra_networks(request.prompt)[1])
         hooks = hooks or StepHooks()
         if cancel is not None:
             hooks.before_step.setdefault("cancel", cancel.hook)
@@ -205,6 +213,23 @@ class Pipeline:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             raise
+
+    def apply_loras(self, networks: Sequence[ExtraNetwork]) -> None:
+        """Merge exactly these LoRAs into the weights (none: the plain model), found by name in lora_dirs.
+        Each request sets its own; the previous set is undone first, restoring the loaded weights exactly."""
+        from dapple.models.hashing import model_sha256
+
+        loras, hashes = [], {}
+        for network in networks:
+            path = find_in_folders(network.name, self.lora_dirs)
+            stat = path.stat()
+            key = (str(path), stat.st_size, stat.st_mtime_ns)
+            if key not in self._lora_layers:
+                self._lora_layers[key] = read_lora(path, self.components.unet, self.components.text_encoder)
+            loras.append((str(key), self._lora_layers[key], network.weight))
+            hashes[network.name] = model_sha256(path)[:LORA_HASH_LENGTH]
+        self._patcher.apply(loras)
+        self.components.lora_hashes = hashes
 
     def __repr__(self) -> str:
         c = self.components

@@ -108,3 +108,46 @@ def chunk_tokens(tokenizer, text: str) -> list[Chunk]:
             current.ids.append(token)
             current.weights.append(weight)
     return chunks
+
+
+# -- extra networks: <lora:name:weight> ------------------------------------------------------------------------
+_EXTRA_NETWORK = re.compile(r"<(\w+):([^:>]+)((?::[^:>]*)*)>")
+EXTRA_NETWORK_KINDS = ("lora",)
+_NAME = re.compile(r"^[\w .+\-()\[\]]+$")  # a file name without folders: no /, \ or ..
+
+
+@dataclass(frozen=True)
+class ExtraNetwork:
+    """One `<kind:name:weight>` tag (A1111's extra-networks syntax); `name` is a file name without extension."""
+
+    kind: str
+    name: str
+    weight: float = 1.0
+
+
+def extract_extra_networks(prompt: str) -> tuple[str, list[ExtraNetwork]]:
+    """The prompt without its `<lora:name:weight>` tags (which A1111 removes before encoding), and the tags.
+    The weight defaults to 1; A1111's second (UNet-only) multiplier is not supported and is an error."""
+    from dapple.errors import InvalidRequestError
+
+    networks = []
+    for match in _EXTRA_NETWORK.finditer(prompt):
+        kind, name, rest = match.group(1).lower(), match.group(2).strip(), match.group(3)
+        if kind == "lyco":  # LyCORIS's old tag for the same files
+            kind = "lora"
+        if kind not in EXTRA_NETWORK_KINDS:
+            raise InvalidRequestError(f"prompt: <{match.group(1)}:...> is not supported; supported: "
+                                      f"{', '.join('<' + k + ':name:weight>' for k in EXTRA_NETWORK_KINDS)}")
+        if not _NAME.match(name) or ".." in name:
+            raise InvalidRequestError(f"prompt: {name!r} in {match.group(0)} is not a LoRA name (a file name "
+                                      "from the LoRA folders, without folders or '..')")
+        parts = [part for part in rest.split(":")[1:]]
+        if len(parts) > 1:
+            raise InvalidRequestError(f"prompt: {match.group(0)} has {len(parts)} multipliers; Dapple takes one "
+                                      "(<lora:name:weight>)")
+        try:
+            weight = float(parts[0]) if parts and parts[0].strip() else 1.0
+        except ValueError:
+            raise InvalidRequestError(f"prompt: the weight in {match.group(0)} is not a number") from None
+        networks.append(ExtraNetwork(kind, name, weight))
+    return _EXTRA_NETWORK.sub("", prompt), networks

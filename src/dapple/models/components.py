@@ -37,6 +37,7 @@ class Components:
     # Depth2img's seam for a depth estimator (image -> (H, W) array, larger = nearer); none ships or downloads.
     depth_estimator: Any = None
     vae_source: str | None = None  # a VAE swapped in from elsewhere (None: the model's own)
+    lora_hashes: dict[str, str] = field(default_factory=dict)  # LoRAs merged into the weights now: name -> hash
 
     @cached_property
     def short_hash(self) -> str | None:
