@@ -21,3 +21,4 @@ class Settings:
     output_dir: Path = Path("outputs")
     limits: Limits = field(default_factory=Limits)
     allow_pickle: bool = False
+    models_dir: Path | None = None  # an A1111 or ComfyUI folder (dapple.models.library)

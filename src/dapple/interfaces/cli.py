@@ -63,6 +63,8 @@ class GenerationOptions:
     model = typer.Option(None, "--model", "-m", help="diffusers model folder or single-file checkpoint "
                          "(default: the built-in model)")
     vae = typer.Option(None, "--vae", help="a VAE instead of the model's own (.safetensors file or folder)")
+    models_dir = typer.Option(None, "--models-dir", envvar="DAPPLE_MODELS_DIR",
+                              help="an A1111 or ComfyUI folder: --model/--vae by name, <lora:name:w> from its LoRAs")
     out = typer.Option(Path("outputs"), help="folder for the PNGs")
     device = typer.Option(None, help="cpu, cuda, cuda:N, mps (default: best available)")
     dtype = typer.Option(None, help="fp32, fp16, bf16 (default: fp16 on GPU, fp32 on CPU)")
@@ -73,7 +75,7 @@ class GenerationOptions:
 
 
 def _run_and_save(fields: dict, *, model: Optional[Path], out: Path, device: Optional[str], dtype: Optional[str],
-                  allow_pickle: bool, vae: Optional[Path] = None) -> None:
+                  allow_pickle: bool, vae: Optional[Path] = None, models_dir: Optional[Path] = None) -> None:
     """Validate a request, load the model, generate with a progress bar per pass, save PNGs, print their paths."""
     from tqdm import tqdm
 
@@ -81,15 +83,17 @@ def _run_and_save(fields: dict, *, model: Optional[Path], out: Path, device: Opt
     from dapple.samplers import resolve_sampler
     from dapple.service.outputs import save_result
 
-    settings = Settings(model=model, device=device, dtype=dtype, output_dir=out, allow_pickle=allow_pickle)
+    settings = Settings(model=model, device=device, dtype=dtype, output_dir=out, allow_pickle=allow_pickle,
+                        models_dir=models_dir)
     with user_errors():
         # Check everything that needs no model first, so mistakes are reported in a second, not after loading.
         request = make_request(**fields)
         resolve_sampler(request.sampler)
         settings.limits.check(request)
         _quiet_libraries()
-        pipe = dapple.load(settings.model, device=settings.device, dtype=settings.dtype,
-                           allow_pickle=settings.allow_pickle, limits=settings.limits, vae=vae)
+        model, vae, lora_dirs = _resolve_names(settings.model, vae, settings.models_dir)
+        pipe = dapple.load(model, device=settings.device, dtype=settings.dtype,
+                           allow_pickle=settings.allow_pickle, limits=settings.limits, vae=vae, lora_dirs=lora_dirs)
         bars: dict[str, tqdm] = {}
 
         def advance(context: dapple.StepContext) -> None:
@@ -112,6 +116,22 @@ def _run_and_save(fields: dict, *, model: Optional[Path], out: Path, device: Opt
     typer.echo(f"{len(paths)} image(s) in {timing:.1f}s, seeds {', '.join(map(str, result.seeds))}", err=True)
     for path in paths:
         typer.echo(str(path))
+
+
+def _resolve_names(model: Optional[Path], vae: Optional[Path], models_dir: Optional[Path]
+                   ) -> tuple[Optional[Path], Optional[Path], list[Path]]:
+    """With a models folder, --model and --vae may be names from it (a path that exists still wins), and its
+    LoRA folders are where <lora:name:w> looks."""
+    if models_dir is None:
+        return model, vae, []
+    from dapple.models.library import ModelFolders
+
+    folders = ModelFolders.from_root(models_dir)
+    if model is not None and not model.exists():
+        model = folders.find("checkpoints", str(model))
+    if vae is not None and not vae.exists():
+        vae = folders.find("vae", str(vae))
+    return model, vae, list(folders.loras)
 
 
 @app.command()
@@ -137,12 +157,14 @@ def generate(
     dtype: Optional[str] = GenerationOptions.dtype,
     allow_pickle: bool = GenerationOptions.allow_pickle,
     vae: Optional[Path] = GenerationOptions.vae,
+    models_dir: Optional[Path] = GenerationOptions.models_dir,
 ) -> None:
     """Generate images from a prompt and save them as PNGs with A1111 infotext."""
     fields = dict(prompt=prompt, negative_prompt=negative, width=width, height=height, steps=steps,
                   guidance_scale=guidance, seed=seed, sampler=sampler, batch_size=batch, hires_scale=hires_scale,
                   hires_upscaler=hires_upscaler, hires_steps=hires_steps, hires_strength=hires_strength)
-    _run_and_save(fields, model=model, out=out, device=device, dtype=dtype, allow_pickle=allow_pickle, vae=vae)
+    _run_and_save(fields, model=model, out=out, device=device, dtype=dtype, allow_pickle=allow_pickle, vae=vae,
+                  models_dir=models_dir)
 
 
 @app.command()
@@ -165,12 +187,14 @@ def img2img(
     dtype: Optional[str] = GenerationOptions.dtype,
     allow_pickle: bool = GenerationOptions.allow_pickle,
     vae: Optional[Path] = GenerationOptions.vae,
+    models_dir: Optional[Path] = GenerationOptions.models_dir,
 ) -> None:
     """Redraw an image after a prompt; --strength 0..1 sets how much changes (int(steps x strength) steps run)."""
     fields = dict(prompt=prompt, init_image=image, strength=strength, resize_mode=resize_mode,
                   negative_prompt=negative, width=width, height=height, steps=steps, guidance_scale=guidance,
                   seed=seed, sampler=sampler, batch_size=batch)
-    _run_and_save(fields, model=model, out=out, device=device, dtype=dtype, allow_pickle=allow_pickle, vae=vae)
+    _run_and_save(fields, model=model, out=out, device=device, dtype=dtype, allow_pickle=allow_pickle, vae=vae,
+                  models_dir=models_dir)
 
 
 @app.command()
@@ -198,13 +222,15 @@ def inpaint(
     dtype: Optional[str] = GenerationOptions.dtype,
     allow_pickle: bool = GenerationOptions.allow_pickle,
     vae: Optional[Path] = GenerationOptions.vae,
+    models_dir: Optional[Path] = GenerationOptions.models_dir,
 ) -> None:
     """Repaint the masked area of an image after a prompt; the rest keeps its original pixels."""
     fields = dict(prompt=prompt, init_image=image, mask=mask, strength=strength, mask_blur=mask_blur,
                   invert_mask=invert_mask, inpainting_fill=fill, resize_mode=resize_mode, negative_prompt=negative,
                   width=width, height=height, steps=steps, guidance_scale=guidance, seed=seed, sampler=sampler,
                   batch_size=batch)
-    _run_and_save(fields, model=model, out=out, device=device, dtype=dtype, allow_pickle=allow_pickle, vae=vae)
+    _run_and_save(fields, model=model, out=out, device=device, dtype=dtype, allow_pickle=allow_pickle, vae=vae,
+                  models_dir=models_dir)
 
 
 @app.command()
@@ -229,12 +255,14 @@ def outpaint(
     dtype: Optional[str] = GenerationOptions.dtype,
     allow_pickle: bool = GenerationOptions.allow_pickle,
     vae: Optional[Path] = GenerationOptions.vae,
+    models_dir: Optional[Path] = GenerationOptions.models_dir,
 ) -> None:
     """Extend an image's canvas on the chosen sides and draw the new area."""
     fields = dict(prompt=prompt, init_image=image, outpaint_left=left, outpaint_right=right, outpaint_top=top,
                   outpaint_bottom=bottom, strength=strength, mask_blur=mask_blur, negative_prompt=negative,
                   steps=steps, guidance_scale=guidance, seed=seed, sampler=sampler, batch_size=batch)
-    _run_and_save(fields, model=model, out=out, device=device, dtype=dtype, allow_pickle=allow_pickle, vae=vae)
+    _run_and_save(fields, model=model, out=out, device=device, dtype=dtype, allow_pickle=allow_pickle, vae=vae,
+                  models_dir=models_dir)
 
 
 @app.command()
@@ -255,11 +283,13 @@ def depth2img(
     dtype: Optional[str] = GenerationOptions.dtype,
     allow_pickle: bool = GenerationOptions.allow_pickle,
     vae: Optional[Path] = GenerationOptions.vae,
+    models_dir: Optional[Path] = GenerationOptions.models_dir,
 ) -> None:
     """Depth-guided generation for depth models (SD 2 depth layout: a 5-channel UNet)."""
     fields = dict(prompt=prompt, init_image=image, depth_map=depth, strength=strength, negative_prompt=negative,
                   steps=steps, guidance_scale=guidance, seed=seed, sampler=sampler, batch_size=batch)
-    _run_and_save(fields, model=model, out=out, device=device, dtype=dtype, allow_pickle=allow_pickle, vae=vae)
+    _run_and_save(fields, model=model, out=out, device=device, dtype=dtype, allow_pickle=allow_pickle, vae=vae,
+                  models_dir=models_dir)
 
 
 @app.command()
@@ -336,6 +366,36 @@ def serve(
         uvicorn.run(app, host=host, port=port, log_level="warning")
     finally:
         service.stop()
+
+
+@app.command()
+def models(
+    models_dir: Path = typer.Option(..., "--models-dir", envvar="DAPPLE_MODELS_DIR",
+                                    help="an A1111 (stable-diffusion-webui) or ComfyUI folder"),
+    kind: Optional[str] = typer.Option(None, help="checkpoints, vae, loras or embeddings (default: all)"),
+    hashes: bool = typer.Option(True, "--hashes/--no-hashes", help="A1111 short hashes (cached after the first)"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """List the checkpoints, VAEs, LoRAs and embeddings in a models folder, with A1111's short hashes."""
+    from dapple.models.hashing import short_hash
+    from dapple.models.library import KINDS, ModelFolders
+
+    with user_errors():
+        if kind is not None and kind not in KINDS:
+            raise DappleError(f"--kind {kind!r}: allowed are {', '.join(KINDS)}")
+        folders = ModelFolders.from_root(models_dir)
+        rows = []
+        for each in [kind] if kind else KINDS:
+            for entry in folders.entries(each):
+                rows.append({"kind": each, "name": entry.name, "hash": short_hash(entry.path) if hashes and (
+                    entry.path.is_file() or each == "checkpoints") else None,
+                    "size_mb": round(entry.size / 2**20, 1), "path": str(entry.path)})
+    if as_json:
+        typer.echo(json.dumps(rows, indent=1))
+        return
+    typer.echo(f"{'kind':<12} {'name':<32} {'hash':<10} {'MB':>9}  path")
+    for row in rows:
+        typer.echo(f"{row['kind']:<12} {row['name']:<32} {row['hash'] or '-':<10} {row['size_mb']:>9}  {row['path']}")
 
 
 @app.command()
