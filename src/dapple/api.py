@@ -30,6 +30,7 @@ def load(
     prediction_type: str | None = None,
     vae: str | Path | None = None,
     lora_dirs: Sequence[str | Path] = (),
+    embedding_dirs: Sequence[str | Path] = (),
 ) -> Pipeline:
     """Load a diffusers model folder, a single-file SD 1.x / 2.x checkpoint (.safetensors, as A1111 and ComfyUI
     use), or, online, a hub id; with no path, the built-in model.
@@ -39,6 +40,7 @@ def load(
     prediction_type: "epsilon" or "v_prediction" for a single file whose own markers should be overridden.
     vae: a VAE to use instead of the model's own (a .safetensors file as in A1111's models/VAE, or a folder).
     lora_dirs: folders where `<lora:name:weight>` in a prompt finds name.safetensors.
+    embedding_dirs: folders of textual-inversion embeddings, used when a prompt names one.
     """
     if path is None:
         if not (BUILTIN_MODEL_DIR / "model_index.json").is_file():
@@ -54,7 +56,8 @@ def load(
         components = load_components(path, device=device, dtype=dtype, allow_pickle=allow_pickle)
     if vae is not None:
         swap_vae(components, vae, allow_pickle=allow_pickle)
-    return Pipeline(components, limits=limits, lora_dirs=lora_dirs)
+    return Pipeline(components, limits=limits, lora_dirs=lora_dirs, embedding_dirs=embedding_dirs,
+                    allow_pickle=allow_pickle)
 
 
 def swap_vae(components: Components, vae: str | Path, *, allow_pickle: bool = False) -> None:

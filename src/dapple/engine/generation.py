@@ -25,6 +25,7 @@ from dapple.engine.loop import denoise
 from dapple.engine.prompt_syntax import extract_extra_networks
 from dapple.infotext import format_infotext
 from dapple.models.components import Components
+from dapple.models.embeddings import name_pattern
 from dapple.request import MAX_SEED, GenerationRequest, GenerationResult
 from dapple.samplers import SamplerChoice, create_scheduler, resolve_sampler
 
@@ -158,7 +159,8 @@ class Run:
             infotexts=build_infotexts(self.request, self.choice, self.seeds, self.width, self.height,
                                       self.components.name, self.infotext_extra,
                                       model_hash=self.components.short_hash, vae=self._vae_name(),
-                                      vae_hash=self.components.vae_short_hash, loras=self.components.lora_hashes),
+                                      vae_hash=self.components.vae_short_hash, loras=self.components.lora_hashes,
+                                      embeddings=used_embeddings(self.request, self.components)),
             request=self.request,
             timings=self.timings,
         )
@@ -172,15 +174,29 @@ def begin_run(
     seeds = batch_seeds(request.seed, request.batch_size)
     prompt, _ = extract_extra_networks(request.prompt)  # <lora:...> tags were applied to the weights already
     warn_unknown_words(prompt, request.negative_prompt, components.vocabulary)
+    prompt, negative = expand_embeddings(prompt, components), expand_embeddings(request.negative_prompt, components)
     clock = time.perf_counter()
     conditioning = encode_prompt(
-        components.tokenizer, components.text_encoder, prompt, request.negative_prompt,
+        components.tokenizer, components.text_encoder, prompt, negative,
         guidance_scale=request.guidance_scale, batch_size=len(seeds),
     )
     run = Run(components, request, choice, seeds, width, height, conditioning, make_generators(seeds),
               hooks or StepHooks())
     run.timings["encode_prompt"] = time.perf_counter() - clock
     return run
+
+
+def expand_embeddings(text: str, components: Components) -> str:
+    """Textual inversion: each installed embedding's name, as a whole word, becomes its placeholder tokens."""
+    for name, placeholder in components.embedding_triggers.items():
+        text = name_pattern(name).sub(placeholder, text)
+    return text
+
+
+def used_embeddings(request: GenerationRequest, components: Components) -> dict[str, str]:
+    """name -> hash of the installed embeddings the prompt or negative prompt uses (A1111's "TI hashes")."""
+    text = f"{request.prompt} {request.negative_prompt}"
+    return {name: digest for name, digest in components.embedding_hashes.items() if name_pattern(name).search(text)}
 
 
 def _format_number(value: float) -> str:
@@ -191,11 +207,13 @@ def build_infotexts(
     request: GenerationRequest, choice: SamplerChoice, seeds: Sequence[int], width: int, height: int, model: str,
     extra: Mapping[str, Any] | None = None, model_hash: str | None = None, vae: str | None = None,
     vae_hash: str | None = None, loras: Mapping[str, str] | None = None,
+    embeddings: Mapping[str, str] | None = None,
 ) -> list[str]:
     """A1111-style parameters text for each image (only the seed differs); `extra` holds the mode's entries
     (Denoising strength, Mask blur, Hires upscale, ...) in A1111's order, after Model."""
     texts = []
     lora_hashes = ", ".join(f"{name}: {digest}" for name, digest in (loras or {}).items()) or None
+    ti_hashes = ", ".join(f"{name}: {digest}" for name, digest in (embeddings or {}).items()) or None
     for seed in seeds:
         parameters = {
             "Steps": request.steps,
@@ -209,6 +227,7 @@ def build_infotexts(
             "VAE hash": vae_hash,
             "VAE": vae,
             "Lora hashes": lora_hashes,
+            "TI hashes": ti_hashes,
             **{key: _format_number(value) if isinstance(value, float) else value
                for key, value in (extra or {}).items()},
             "Version": f"dapple {__version__}",

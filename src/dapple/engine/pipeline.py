@@ -28,6 +28,7 @@ from dapple.engine.modes import run_request
 from dapple.engine.prompt_syntax import ExtraNetwork, extract_extra_networks
 from dapple.errors import GenerationCancelled
 from dapple.models.components import Components
+from dapple.models.embeddings import EMBEDDING_HASH_LENGTH, EMBEDDING_SUFFIXES, install, name_pattern, read_embedding
 from dapple.models.lora import LORA_HASH_LENGTH, LoraLayer, LoraPatcher, find_in_folders, read_lora
 from dapple.request import DEFAULT_SAMPLER, GenerationRequest, GenerationResult, Hires, Limits, make_request
 from dapple.samplers import create_scheduler
@@ -39,13 +40,17 @@ class Pipeline:
     """A Stable Diffusion model ready to generate. Built by dapple.load(); holds no per-run state."""
 
     def __init__(self, components: Components, *, limits: Limits | None = None,
-                 lora_dirs: Sequence[str | Path] = ()) -> None:
+                 lora_dirs: Sequence[str | Path] = (), embedding_dirs: Sequence[str | Path] = (),
+                 allow_pickle: bool = False) -> None:
         self.components = components
         self.limits = limits or Limits()
         self._scheduler: SchedulerMixin | None = None
         self.lora_dirs: list[Path] = [Path(folder) for folder in lora_dirs]  # where <lora:name:w> looks
         self._patcher = LoraPatcher(components.unet, components.text_encoder)
         self._lora_layers: dict[tuple[str, int, int], list[LoraLayer]] = {}
+        self.embedding_dirs: list[Path] = [Path(folder) for folder in embedding_dirs]  # textual inversion
+        self._installed_embeddings: set[tuple[str, int, int]] = set()
+        self._allow_pickle = allow_pickle
 
     # -- the components, as diffusers users know them ------------------------------------------------------
     @property
@@ -197,6 +202,7 @@ class Pipeline:
         """Run a prepared request (the entry point the CLI and servers use)."""
         self.limits.check(request)
         self.apply_loras(extract_extra_networks(request.prompt)[1])
+        self.install_embeddings(f"{request.prompt} {request.negative_prompt}")
         hooks = hooks or StepHooks()
         if cancel is not None:
             hooks.before_step.setdefault("cancel", cancel.hook)
@@ -230,6 +236,28 @@ class Pipeline:
             hashes[network.name] = model_sha256(path)[:LORA_HASH_LENGTH]
         self._patcher.apply(loras)
         self.components.lora_hashes = hashes
+
+    def install_embeddings(self, text: str) -> None:
+        """Install the embeddings from embedding_dirs whose names `text` uses (once per file version)."""
+        from dapple.models.hashing import model_sha256
+
+        for folder in self.embedding_dirs:
+            root = folder.expanduser().resolve()
+            if not root.is_dir():
+                continue
+            for path in sorted(root.rglob("*")):
+                if path.suffix not in EMBEDDING_SUFFIXES or not path.is_file():
+                    continue
+                if not path.resolve().is_relative_to(root) or not name_pattern(path.stem).search(text):
+                    continue
+                stat = path.stat()
+                key = (str(path), stat.st_size, stat.st_mtime_ns)
+                if key in self._installed_embeddings:
+                    continue
+                embedding = read_embedding(path, allow_pickle=self._allow_pickle)
+                self.components.embedding_triggers[embedding.name] = install(self.components, embedding)
+                self.components.embedding_hashes[embedding.name] = model_sha256(path)[:EMBEDDING_HASH_LENGTH]
+                self._installed_embeddings.add(key)
 
     def __repr__(self) -> str:
         c = self.components

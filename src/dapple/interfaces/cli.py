@@ -91,9 +91,9 @@ def _run_and_save(fields: dict, *, model: Optional[Path], out: Path, device: Opt
         resolve_sampler(request.sampler)
         settings.limits.check(request)
         _quiet_libraries()
-        model, vae, lora_dirs = _resolve_names(settings.model, vae, settings.models_dir)
-        pipe = dapple.load(model, device=settings.device, dtype=settings.dtype,
-                           allow_pickle=settings.allow_pickle, limits=settings.limits, vae=vae, lora_dirs=lora_dirs)
+        model, vae, lora_dirs, embedding_dirs = _resolve_names(settings.model, vae, settings.models_dir)
+        pipe = dapple.load(model, device=settings.device, dtype=settings.dtype, allow_pickle=settings.allow_pickle,
+                           limits=settings.limits, vae=vae, lora_dirs=lora_dirs, embedding_dirs=embedding_dirs)
         bars: dict[str, tqdm] = {}
 
         def advance(context: dapple.StepContext) -> None:
@@ -119,11 +119,11 @@ def _run_and_save(fields: dict, *, model: Optional[Path], out: Path, device: Opt
 
 
 def _resolve_names(model: Optional[Path], vae: Optional[Path], models_dir: Optional[Path]
-                   ) -> tuple[Optional[Path], Optional[Path], list[Path]]:
-    """With a models folder, --model and --vae may be names from it (a path that exists still wins), and its
-    LoRA folders are where <lora:name:w> looks."""
+                   ) -> tuple[Optional[Path], Optional[Path], list[Path], list[Path]]:
+    """With a models folder, --model and --vae may be names from it (a path that exists still wins), its LoRA
+    folders are where <lora:name:w> looks, and its embeddings are used when a prompt names them."""
     if models_dir is None:
-        return model, vae, []
+        return model, vae, [], []
     from dapple.models.library import ModelFolders
 
     folders = ModelFolders.from_root(models_dir)
@@ -131,7 +131,7 @@ def _resolve_names(model: Optional[Path], vae: Optional[Path], models_dir: Optio
         model = folders.find("checkpoints", str(model))
     if vae is not None and not vae.exists():
         vae = folders.find("vae", str(vae))
-    return model, vae, list(folders.loras)
+    return model, vae, list(folders.loras), list(folders.embeddings)
 
 
 @app.command()

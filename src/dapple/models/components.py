@@ -38,6 +38,9 @@ class Components:
     depth_estimator: Any = None
     vae_source: str | None = None  # a VAE swapped in from elsewhere (None: the model's own)
     lora_hashes: dict[str, str] = field(default_factory=dict)  # LoRAs merged into the weights now: name -> hash
+    # Textual-inversion embeddings installed in the tokenizer/text encoder: name -> placeholder text, name -> hash
+    embedding_triggers: dict[str, str] = field(default_factory=dict)
+    embedding_hashes: dict[str, str] = field(default_factory=dict)
 
     @cached_property
     def short_hash(self) -> str | None:
