@@ -331,7 +331,9 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="address to bind; loopback by default"),
     port: int = typer.Option(7860),
     data_dir: Path = typer.Option(Path("dapple-data"), help="job database and gallery images"),
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="model folder (default: the built-in model)"),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="model folder, single file or, with "
+                                         "--models-dir, name (default: the built-in model)"),
+    models_dir: Optional[Path] = GenerationOptions.models_dir,
     queue_size: int = typer.Option(64, help="queued jobs beyond this get 429"),
     api_auth: Optional[str] = typer.Option(None, help="user:password for HTTP Basic auth on every route"),
     cors_origin: Optional[list[str]] = typer.Option(None, help="an origin allowed to call from a browser; repeat"),
@@ -356,7 +358,9 @@ def serve(
         typer.echo(f"warning: serving on {host} without --api-auth; anyone who can reach it can use it", err=True)
     _quiet_libraries()
     with user_errors():
-        pipe = dapple.load(model, device=device, dtype=dtype)  # fail now, not on the first job
+        model, _, lora_dirs, embedding_dirs = _resolve_names(model, None, models_dir)
+        pipe = dapple.load(model, device=device, dtype=dtype, lora_dirs=lora_dirs,  # fail now, not on a job
+                           embedding_dirs=embedding_dirs)
     service = JobService(data_dir, lambda: pipe, queue_size=queue_size)
     service.start()
     try:
