@@ -18,7 +18,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from PIL import Image
 
 from dapple._version import __version__
-from dapple.engine.conditioning import Conditioning, encode_prompt, warn_unknown_words
+from dapple.engine.conditioning import Conditioning, encode_prompt, encode_prompt_xl, warn_unknown_words
 from dapple.engine.hooks import Previewer, StepHooks
 from dapple.engine.latents import approximate_rgb, decode, draw_noise, make_generators, to_pil
 from dapple.engine.loop import denoise
@@ -176,10 +176,16 @@ def begin_run(
     warn_unknown_words(prompt, request.negative_prompt, components.vocabulary)
     prompt, negative = expand_embeddings(prompt, components), expand_embeddings(request.negative_prompt, components)
     clock = time.perf_counter()
-    conditioning = encode_prompt(
-        components.tokenizer, components.text_encoder, prompt, negative,
-        guidance_scale=request.guidance_scale, batch_size=len(seeds),
-    )
+    if components.is_xl:
+        conditioning = encode_prompt_xl(
+            (components.tokenizer, components.tokenizer_2), (components.text_encoder, components.text_encoder_2),
+            prompt, negative, guidance_scale=request.guidance_scale, batch_size=len(seeds),
+        ).with_time_ids(height, width)
+    else:
+        conditioning = encode_prompt(
+            components.tokenizer, components.text_encoder, prompt, negative,
+            guidance_scale=request.guidance_scale, batch_size=len(seeds),
+        )
     run = Run(components, request, choice, seeds, width, height, conditioning, make_generators(seeds),
               hooks or StepHooks())
     run.timings["encode_prompt"] = time.perf_counter() - clock

@@ -58,6 +58,7 @@ def denoise(
     hooks = hooks or StepHooks()
     timesteps = scheduler.timesteps if timesteps is None else timesteps
     encoder_states = conditioning.unet_batch
+    added_cond_kwargs = conditioning.added_cond_kwargs  # SDXL's pooled text and size conditioning (else None)
     step_kwargs = _step_kwargs(scheduler, generators)
     total = len(timesteps)
     if extra_channels is not None and conditioning.uses_guidance:
@@ -71,7 +72,8 @@ def denoise(
         model_input = scheduler.scale_model_input(model_input, t)
         if extra_channels is not None:
             model_input = torch.cat([model_input, extra_channels.to(model_input.dtype)], dim=1)
-        noise_pred = unet(model_input, t, encoder_hidden_states=encoder_states, return_dict=False)[0]
+        noise_pred = unet(model_input, t, encoder_hidden_states=encoder_states, return_dict=False,
+                          added_cond_kwargs=added_cond_kwargs)[0]
         if conditioning.uses_guidance:
             noise_uncond, noise_cond = noise_pred.chunk(2)
             noise_pred = noise_uncond + guidance_scale * (noise_cond - noise_uncond)

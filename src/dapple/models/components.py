@@ -37,6 +37,9 @@ class Components:
     # Depth2img's seam for a depth estimator (image -> (H, W) array, larger = nearer); none ships or downloads.
     depth_estimator: Any = None
     vae_source: str | None = None  # a VAE swapped in from elsewhere (None: the model's own)
+    # SDXL's second tokenizer and text encoder (OpenCLIP ViT-bigG with projection); None for SD 1.x/2.x.
+    tokenizer_2: CLIPTokenizer | None = None
+    text_encoder_2: Any = None
     lora_hashes: dict[str, str] = field(default_factory=dict)  # LoRAs merged into the weights now: name -> hash
     # Textual-inversion embeddings installed in the tokenizer/text encoder: name -> placeholder text, name -> hash
     embedding_triggers: dict[str, str] = field(default_factory=dict)
@@ -63,6 +66,11 @@ class Components:
         if self.vae_source is None or not Path(self.vae_source).is_file():
             return None
         return short_hash(self.vae_source)
+
+    @property
+    def is_xl(self) -> bool:
+        """SDXL: two text encoders, pooled text and size conditioning."""
+        return self.text_encoder_2 is not None
 
     @property
     def device(self) -> torch.device:

@@ -39,9 +39,9 @@ def _weight_format(folder: Path) -> str:
     return "none"
 
 
-def _check_weights(root: Path, allow_pickle: bool) -> dict[str, str]:
+def _check_weights(root: Path, allow_pickle: bool, names: tuple[str, ...] = WEIGHT_COMPONENTS) -> dict[str, str]:
     """Raise unless every component has loadable weights; return each component's weight format."""
-    formats = {name: _weight_format(root / name) for name in WEIGHT_COMPONENTS}
+    formats = {name: _weight_format(root / name) for name in names}
     missing = [name for name, kind in formats.items() if kind == "none"]
     if missing:
         raise ModelLoadError(f"{root}: no weights in {', '.join(n + '/' for n in missing)} (expected .safetensors)")
@@ -113,16 +113,17 @@ def load_components(
         scheduler_config = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise ModelLoadError(f"{root}: unreadable model config: {error}") from None
-    weight_formats = _check_weights(root, allow_pickle)
+    xl = index.get("text_encoder_2") is not None  # SDXL: a second text encoder with projection
+    weight_formats = _check_weights(root, allow_pickle, WEIGHT_COMPONENTS + (("text_encoder_2",) if xl else ()))
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
 
     models = {}
-    for name, default in (
-        ("text_encoder", ("transformers", "CLIPTextModel")),
-        ("unet", ("diffusers", "UNet2DConditionModel")),
-        ("vae", ("diffusers", "AutoencoderKL")),
-    ):
+    parts = [("text_encoder", ("transformers", "CLIPTextModel")), ("unet", ("diffusers", "UNet2DConditionModel")),
+             ("vae", ("diffusers", "AutoencoderKL"))]
+    if xl:
+        parts.append(("text_encoder_2", ("transformers", "CLIPTextModelWithProjection")))
+    for name, default in parts:
         cls = _component_class(index, name, default)
         library = transformers if cls.__module__.startswith("transformers") else diffusers
         try:
@@ -141,6 +142,8 @@ def load_components(
 
     return Components(
         tokenizer=folder_tokenizer(root),
+        tokenizer_2=folder_tokenizer(root, "tokenizer_2") if xl else None,
+        text_encoder_2=models.get("text_encoder_2"),
         text_encoder=models["text_encoder"],
         unet=models["unet"],
         vae=models["vae"],

@@ -122,3 +122,44 @@ def build_tiny_family_pipeline(family: str, seed: int = 0, prediction_type: str 
         scheduler=PNDMScheduler(**{**SD15_SCHEDULER_CONFIG, "prediction_type": prediction_type}),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
+
+
+def build_tiny_xl_pipeline(seed: int = 0):
+    """Tiny random SDXL components (diffusers' own test sizes, with the real CLIP tokenizers): two text encoders
+    32 wide (the second with a 32-dim projection), a UNet with text-and-time added conditioning, 64x64 px."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+    from dapple.models.tokenizer import BUNDLED_TOKENIZER_DIR
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=80,  # 6 time ids x 8 + the 32-dim pooled text embedding
+        cross_attention_dim=64, norm_num_groups=1,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4, sample_size=64,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        scaling_factor=0.13025,
+    )
+    tokenizer = bundled_clip_tokenizer()
+    tokenizer_2 = CLIPTokenizer.from_pretrained(str(BUNDLED_TOKENIZER_DIR), local_files_only=True, pad_token="!")
+
+    def text_config(pad_token_id: int) -> CLIPTextConfig:
+        return CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_attention_heads=4,
+            num_hidden_layers=5, max_position_embeddings=77, hidden_act="gelu", projection_dim=32,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_token_id,
+        )
+
+    return StableDiffusionXLPipeline(
+        vae=vae.eval(), text_encoder=CLIPTextModel(text_config(tokenizer.pad_token_id)).eval(),
+        text_encoder_2=CLIPTextModelWithProjection(text_config(tokenizer_2.pad_token_id)).eval(),
+        tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet.eval(),
+        scheduler=EulerDiscreteScheduler(**{k: v for k, v in SD15_SCHEDULER_CONFIG.items()
+                                            if k not in ("set_alpha_to_one", "skip_prk_steps")}),
+    )

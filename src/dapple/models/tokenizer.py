@@ -15,10 +15,13 @@ def _load_bundled() -> CLIPTokenizer:
     return CLIPTokenizer.from_pretrained(str(BUNDLED_TOKENIZER_DIR), local_files_only=True)
 
 
-def folder_tokenizer(model_folder: Path) -> CLIPTokenizer:
-    """The tokenizer of a diffusers model folder, or the bundled CLIP tokenizer when it has no tokenizer/."""
-    if (Path(model_folder) / "tokenizer").is_dir():
-        return CLIPTokenizer.from_pretrained(str(Path(model_folder) / "tokenizer"), local_files_only=True)
+def folder_tokenizer(model_folder: Path, subfolder: str = "tokenizer") -> CLIPTokenizer:
+    """The tokenizer of a diffusers model folder, or the bundled CLIP tokenizer when it has none (SDXL's second
+    tokenizer, tokenizer_2, is the same BPE padding with "!")."""
+    if (Path(model_folder) / subfolder).is_dir():
+        return CLIPTokenizer.from_pretrained(str(Path(model_folder) / subfolder), local_files_only=True)
+    if subfolder == "tokenizer_2":
+        return CLIPTokenizer.from_pretrained(str(BUNDLED_TOKENIZER_DIR), local_files_only=True, pad_token="!")
     return bundled_clip_tokenizer()
 
 
