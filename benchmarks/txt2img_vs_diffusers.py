@@ -8,6 +8,7 @@ then times --repeats images; shared CPUs are noisy, so the median over all timed
 
     python benchmarks/txt2img_vs_diffusers.py                      # CPU defaults: 256x256, 4 steps, 2 rounds
     python benchmarks/txt2img_vs_diffusers.py --device cuda --size 512 --steps 20 --rounds 3
+    python benchmarks/txt2img_vs_diffusers.py --builtin --size 64 --steps 20 --repeats 10   # the built-in model
 
 Prints seconds per image and peak memory (CPU: process peak RSS; CUDA: peak allocated) for each, and the ratio
 Dapple / diffusers (below 1 means Dapple is faster or leaner).
@@ -85,7 +86,7 @@ def worker(args: argparse.Namespace) -> None:
         pipe = dapple.load(args.model_dir, device=args.device, dtype=dtype)
 
         def run(steps: int):
-            return pipe.generate(PROMPT, negative_prompt=NEGATIVE, steps=steps, seed=args.seed,
+            return pipe.generate(args.prompt, negative_prompt=args.negative, steps=steps, seed=args.seed,
                                  sampler=args.sampler, **settings).images[0]
     else:
         from diffusers import StableDiffusionPipeline
@@ -99,7 +100,7 @@ def worker(args: argparse.Namespace) -> None:
         def run(steps: int):
             pipe.scheduler = create_scheduler(args.sampler, config, seeds=[args.seed])
             generator = torch.Generator("cpu").manual_seed(args.seed)
-            return pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=steps, generator=generator,
+            return pipe(args.prompt, negative_prompt=args.negative, num_inference_steps=steps, generator=generator,
                         **settings).images[0]
 
     run(1)  # warm-up: kernel selection, allocator
@@ -127,6 +128,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed images per process")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--model-dir", help="reuse (or create) the random SD 1.5 folder here")
+    parser.add_argument("--builtin", action="store_true", help="measure Dapple's built-in model instead")
+    parser.add_argument("--prompt", default=None, help="default: an SD prompt, or a shapes caption with --builtin")
+    parser.add_argument("--negative", default=None)
     parser.add_argument("--worker", choices=["dapple", "diffusers"], help=argparse.SUPPRESS)
     parser.add_argument("--save", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -134,6 +138,15 @@ def main() -> None:
         return worker(args)
 
     scratch = tempfile.TemporaryDirectory(prefix="dapple-bench-")
+    model_name = "SD 1.5 architecture (random weights)"
+    if args.builtin:
+        from dapple.api import BUILTIN_MODEL_DIR
+
+        args.model_dir, model_name = str(BUILTIN_MODEL_DIR), "Dapple's built-in model"
+    if args.prompt is None:
+        args.prompt = "a red circle at the top left on a blue background" if args.builtin else PROMPT
+    if args.negative is None:
+        args.negative = "" if args.builtin else NEGATIVE
     if args.model_dir is None:
         args.model_dir = str(Path(scratch.name) / "sd15-random")
     if not (Path(args.model_dir) / "model_index.json").exists():
@@ -145,6 +158,7 @@ def main() -> None:
         order = ("dapple", "diffusers") if round_index % 2 == 0 else ("diffusers", "dapple")
         for who in order:
             command = [sys.executable, __file__, "--worker", who, "--model-dir", args.model_dir,
+                       "--prompt", args.prompt, "--negative", args.negative,
                        "--size", str(args.size), "--steps", str(args.steps), "--sampler", args.sampler,
                        "--seed", str(args.seed), "--device", args.device, "--repeats", str(args.repeats),
                        "--save", str(Path(scratch.name) / f"{who}.png")]
@@ -166,7 +180,7 @@ def main() -> None:
     difference = int(np.abs(pixels["dapple"] - pixels["diffusers"]).max())
 
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    print(f"SD 1.5 architecture (random weights), {args.size}x{args.size}, {args.steps} steps, {args.sampler}, "
+    print(f"{model_name}, {args.size}x{args.size}, {args.steps} steps, {args.sampler}, "
           f"CFG 7, batch 1, device {args.device} ({machine}), {args.rounds} processes x {args.repeats} images each")
     print(f"{'':<10} {'median s/image':>15} {'best s/image':>13} {'peak MB':>9}")
     for who in ("dapple", "diffusers"):

@@ -160,6 +160,8 @@ def encode_prompt_xl(
             empty, _ = _encode_xl(tokenizers, text_encoders, "")
             length = max(cond.shape[1], uncond.shape[1])
             cond, uncond = _pad_to(cond, length, empty), _pad_to(uncond, length, empty)
-    repeat = lambda tensor: None if tensor is None else tensor.repeat(batch_size, *[1] * (tensor.dim() - 1))  # noqa: E731
+    def repeat(tensor: torch.Tensor | None) -> torch.Tensor | None:
+        return None if tensor is None else tensor.repeat(batch_size, *[1] * (tensor.dim() - 1))
+
     return Conditioning(cond=repeat(cond), uncond=repeat(uncond), pooled=repeat(pooled),
                         pooled_uncond=repeat(pooled_uncond))
