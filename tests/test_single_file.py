@@ -119,12 +119,12 @@ def test_an_unrecognised_file_is_an_error_naming_what_it_holds(tmp_path) -> None
         dapple.load(lora_like, device="cpu")
 
 
-def test_an_sdxl_file_is_recognised_and_refused_clearly(tmp_path) -> None:
-    xl = tmp_path / "xl.safetensors"
-    save_file({"conditioner.embedders.1.model.positional_embedding": torch.zeros(77, 8),
-               "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(8, 4, 3, 3)}, str(xl))
-    with pytest.raises(ModelLoadError, match="SDXL checkpoint"):
-        dapple.load(xl, device="cpu")
+def test_an_sdxl_refiner_file_is_refused_clearly(tmp_path) -> None:
+    refiner = tmp_path / "refiner.safetensors"
+    save_file({"conditioner.embedders.0.model.positional_embedding": torch.zeros(77, 8),
+               "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(8, 4, 3, 3)}, str(refiner))
+    with pytest.raises(ModelLoadError, match="SDXL refiner"):
+        dapple.load(refiner, device="cpu")
 
 
 def test_a_pickle_checkpoint_needs_the_opt_in(models, tmp_path) -> None:
@@ -194,3 +194,16 @@ def test_a_swapped_vae_decodes_and_is_named_in_the_infotext(models, tmp_path) ->
         lora = tmp_path / "x.safetensors"
         save_file({"something.weight": torch.zeros(2)}, str(lora))
         dapple.load(folder, device="cpu", vae=lora)
+
+
+def test_an_sdxl_single_file_draws_exactly_what_its_diffusers_folder_draws(tmp_path, offline) -> None:
+    from dapple.models.tiny import build_tiny_xl_pipeline
+
+    folder = tmp_path / "xl"
+    build_tiny_xl_pipeline(seed=5).save_pretrained(str(folder), safe_serialization=True)
+    file = write_single_file(load_components(folder, device="cpu"), tmp_path / "xl.safetensors", "sdxl")
+    from_file = dapple.load(file, device="cpu")
+    assert from_file.components.is_xl and from_file.components.latent_scaling_factor == 0.13025
+    settings = dict(GENERATE, guidance_scale=5.0)
+    assert np.array_equal(from_file.generate(**settings).pixels.numpy(),
+                          dapple.load(folder, device="cpu").generate(**settings).pixels.numpy())

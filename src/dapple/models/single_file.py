@@ -13,7 +13,9 @@ follows each family's published configs:
   A1111 convention), else A1111's test: one UNet call on a constant input at t=999, where v-models answer with a
   strongly negative mean (modules/sd_models_config.py, is_using_v_parameterization_for_sd2).
 - The VAE: 32 normalisation groups, scaling factor 0.18215.
-- SDXL files (two text encoders) are recognised and refused with a clear message until the SDXL engine lands.
+- SDXL: CLIP ViT-L (all layers; SDXL reads its penultimate states) and OpenCLIP ViT-bigG with its projection
+  under conditioner.embedders.0/1, the added text-and-time embedding (its time-embedding width follows from
+  the shapes), VAE scaling factor 0.13025, 1024 px. Refiner files are refused with a clear message.
 """
 
 from __future__ import annotations
@@ -33,13 +35,15 @@ from dapple.errors import ModelLoadError
 from dapple.models.components import Components
 from dapple.models.devices import resolve_device, resolve_dtype, to_owned_channels_last
 from dapple.models.original_layout import (
-    CLIP_PREFIX, OPEN_CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX, XL_OPEN_CLIP_PREFIX, diffusers_to_open_clip,
+    CLIP_PREFIX, OPEN_CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX, XL_CLIP_PREFIX, XL_OPEN_CLIP_PREFIX, diffusers_to_open_clip,
     bare_clip_key, is_vae_attention_matrix, open_clip_to_diffusers, unet_key_pairs, vae_key_pairs,
 )
 from dapple.models.tiny import SD15_SCHEDULER_CONFIG
 from dapple.models.tokenizer import BUNDLED_TOKENIZER_DIR, bundled_clip_tokenizer
 
-FAMILIES = ("sd1", "sd2")
+FAMILIES = ("sd1", "sd2", "sdxl")
+XL_VAE_SCALING_FACTOR = 0.13025
+XL_TIME_IDS = 6  # original size, crop corner, target size: two numbers each
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 VAE_SCALING_FACTOR = 0.18215
 ATTENTION_HEAD_CHANNELS = 64  # CLIP, OpenCLIP and the SD 2.x / XL UNets all use 64-dim heads
@@ -47,12 +51,15 @@ SD1_UNET_HEADS = 8
 
 
 def detect_family(keys: set[str] | list[str]) -> str:
-    """'sd1' or 'sd2' from the tensor names, or a ModelLoadError that says what the file holds."""
+    """'sd1', 'sd2' or 'sdxl' from the tensor names, or a ModelLoadError that says what the file holds."""
     keys = set(keys)
     has_unet = any(key.startswith(UNET_PREFIX) for key in keys)
-    if any(key.startswith(XL_OPEN_CLIP_PREFIX) for key in keys):
-        raise ModelLoadError("this is an SDXL checkpoint (two text encoders under conditioner.embedders); Dapple "
-                             "does not load SDXL single files yet: SD 1.x and 2.x only")
+    if has_unet and any(key.startswith(XL_OPEN_CLIP_PREFIX) for key in keys):
+        if any(key.startswith(XL_CLIP_PREFIX) for key in keys):
+            return "sdxl"
+    if any(key.startswith("conditioner.embedders.0.model.") for key in keys):
+        raise ModelLoadError("this is an SDXL refiner checkpoint (one OpenCLIP text encoder); Dapple loads SD 1.x, "
+                             "2.x and SDXL base models")
     if has_unet and any(key.startswith(CLIP_PREFIX) and key.endswith("embeddings.token_embedding.weight")
                         for key in keys):
         return "sd1"
@@ -62,7 +69,8 @@ def detect_family(keys: set[str] | list[str]) -> str:
     found = ", ".join(f"{name}. ({count})" for name, count in prefixes.most_common(6)) or "no tensors"
     raise ModelLoadError(
         "not a Stable Diffusion checkpoint Dapple recognises: expected a UNet under model.diffusion_model. with an "
-        f"SD 1.x text encoder ({CLIP_PREFIX}...) or an SD 2.x one ({OPEN_CLIP_PREFIX}...); found {found}. "
+        f"SD 1.x text encoder ({CLIP_PREFIX}...), an SD 2.x one ({OPEN_CLIP_PREFIX}...) or SDXL's two "
+        f"({XL_CLIP_PREFIX}... and {XL_OPEN_CLIP_PREFIX}...); found {found}. "
         "A file holding only a VAE, a LoRA or an embedding is not a full model."
     )
 
@@ -73,8 +81,9 @@ def _indices(shapes: dict[str, tuple[int, ...]], pattern: str) -> list[int]:
     return sorted({int(m.group(1)) for key in shapes if (m := regex.match(key))})
 
 
-def unet_config(shapes: dict[str, tuple[int, ...]], family: str) -> dict[str, Any]:
-    """A UNet2DConditionModel config read off the original-layout UNet tensors (keys without UNET_PREFIX)."""
+def unet_config(shapes: dict[str, tuple[int, ...]], family: str, pooled_dim: int = 0) -> dict[str, Any]:
+    """A UNet2DConditionModel config read off the original-layout UNet tensors (keys without UNET_PREFIX).
+    pooled_dim: SDXL's pooled text embedding width (the second text encoder's projection)."""
     levels: list[dict[str, Any]] = [{"channels": [], "attention": False, "depth": 1}]
     for index in _indices(shapes, r"input_blocks\.(\d+)\.")[1:]:
         if f"input_blocks.{index}.0.op.weight" in shapes:  # a downsampler closes the level
@@ -95,8 +104,14 @@ def unet_config(shapes: dict[str, tuple[int, ...]], family: str) -> dict[str, An
     heads: int | list[int] = (SD1_UNET_HEADS if family == "sd1"
                               else [max(1, c // ATTENTION_HEAD_CHANNELS) for c in channels])
     depths = [level["depth"] for level in levels]
+    extra: dict[str, Any] = {}
+    if "label_emb.0.0.weight" in shapes:  # SDXL's added text-and-time conditioning
+        added = shapes["label_emb.0.0.weight"][1]
+        extra = {"addition_embed_type": "text_time", "projection_class_embeddings_input_dim": added,
+                 "addition_time_embed_dim": (added - pooled_dim) // XL_TIME_IDS}
     return {
-        "sample_size": 64,
+        **extra,
+        "sample_size": 128 if family == "sdxl" else 64,
         "in_channels": shapes["input_blocks.0.0.weight"][1],
         "out_channels": shapes["out.2.weight"][0],
         "block_out_channels": channels,
@@ -110,7 +125,7 @@ def unet_config(shapes: dict[str, tuple[int, ...]], family: str) -> dict[str, An
     }
 
 
-def vae_config(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+def vae_config(shapes: dict[str, tuple[int, ...]], scaling_factor: float = VAE_SCALING_FACTOR) -> dict[str, Any]:
     """An AutoencoderKL config read off the original-layout VAE tensors (keys without VAE_PREFIX)."""
     levels = _indices(shapes, r"encoder\.down\.(\d+)\.")
     return {
@@ -121,23 +136,27 @@ def vae_config(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
         "layers_per_block": len(_indices(shapes, r"encoder\.down\.0\.block\.(\d+)\.")),
         "down_block_types": ["DownEncoderBlock2D"] * len(levels),
         "up_block_types": ["UpDecoderBlock2D"] * len(levels),
-        "scaling_factor": VAE_SCALING_FACTOR,
+        "scaling_factor": scaling_factor,
         "sample_size": 512,
     }
 
 
-def text_config(shapes: dict[str, tuple[int, ...]], family: str, tokenizer: CLIPTokenizer) -> CLIPTextConfig:
+def text_config(shapes: dict[str, tuple[int, ...]], family: str, tokenizer: CLIPTokenizer,
+                open_clip: bool | None = None) -> CLIPTextConfig:
     """The text encoder's config from the shapes of its tensors (bare transformers names). SD 2.x keeps all but
-    the last layer: it conditions on the penultimate layer's output."""
+    the last layer: it conditions on the penultimate layer's output (SDXL takes that layer's states itself)."""
     vocab, hidden = shapes["embeddings.token_embedding.weight"]
     layers = len(_indices(shapes, r"encoder\.layers\.(\d+)\."))
+    open_clip = family == "sd2" if open_clip is None else open_clip
+    projection = {"projection_dim": shapes["text_projection.weight"][0]} if "text_projection.weight" in shapes else {}
     return CLIPTextConfig(
+        **projection,
         vocab_size=vocab, hidden_size=hidden,
         intermediate_size=shapes["encoder.layers.0.mlp.fc1.weight"][0],
         num_hidden_layers=layers - 1 if family == "sd2" else layers,
         num_attention_heads=max(1, hidden // ATTENTION_HEAD_CHANNELS),
         max_position_embeddings=shapes["embeddings.position_embedding.weight"][0],
-        hidden_act="gelu" if family == "sd2" else "quick_gelu",
+        hidden_act="gelu" if open_clip else "quick_gelu",
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
 
@@ -195,7 +214,7 @@ def load_single_file(
     allow_pickle: bool = False,
     prediction_type: str | None = None,
 ) -> Components:
-    """Load an original-layout SD 1.x / 2.x checkpoint file offline into the engine's Components."""
+    """Load an original-layout SD 1.x / 2.x / XL checkpoint file offline into the engine's Components."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise ModelLoadError(f"checkpoint file {path} does not exist")
@@ -206,28 +225,21 @@ def load_single_file(
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
 
+    tokenizer = family_tokenizer(family)
+    text_encoder, text_encoder_2, tokenizer_2 = _text_encoders(tensors, family, tokenizer, path)
+    pooled_dim = text_encoder_2.config.projection_dim if text_encoder_2 is not None else 0
     unet_tensors = {k[len(UNET_PREFIX):]: v for k, v in tensors.items() if k.startswith(UNET_PREFIX)}
-    unet = UNet2DConditionModel(**unet_config({k: tuple(v.shape) for k, v in unet_tensors.items()}, family))
+    unet = UNet2DConditionModel(**unet_config({k: tuple(v.shape) for k, v in unet_tensors.items()}, family,
+                                              pooled_dim))
     _load_renamed(unet, {d: o for d, o in unet_key_pairs(unet.config, unet.state_dict())}, unet_tensors, "UNet")
 
     vae_tensors = {k[len(VAE_PREFIX):]: v for k, v in tensors.items() if k.startswith(VAE_PREFIX)}
     if not vae_tensors:
         raise ModelLoadError(f"{path}: no VAE tensors under {VAE_PREFIX}; Dapple needs the VAE inside the file")
-    vae = AutoencoderKL(**vae_config({k: tuple(v.shape) for k, v in vae_tensors.items()}))
+    scaling = XL_VAE_SCALING_FACTOR if family == "sdxl" else VAE_SCALING_FACTOR
+    vae = AutoencoderKL(**vae_config({k: tuple(v.shape) for k, v in vae_tensors.items()}, scaling))
     vae_tensors = {k: v.flatten(1) if is_vae_attention_matrix(k) else v for k, v in vae_tensors.items()}
     _load_renamed(vae, {d: o for d, o in vae_key_pairs(vae.config, vae.state_dict())}, vae_tensors, "VAE")
-
-    tokenizer = family_tokenizer(family)
-    if family == "sd1":
-        text_tensors = {bare_clip_key(k[len(CLIP_PREFIX):]): v for k, v in tensors.items() if k.startswith(CLIP_PREFIX)}
-    else:
-        text_tensors = open_clip_to_diffusers(tensors, OPEN_CLIP_PREFIX)
-    text_encoder = CLIPTextModel(text_config({k: tuple(v.shape) for k, v in text_tensors.items()}, family, tokenizer))
-    wanted = {bare_clip_key(key): key for key in text_encoder.state_dict() if not key.endswith("position_ids")}
-    missing = [bare for bare in wanted if bare not in text_tensors]
-    if missing:
-        raise ModelLoadError(f"{path}: the text encoder lacks {len(missing)} tensors, e.g. {missing[0]}")
-    text_encoder.load_state_dict({key: text_tensors[bare] for bare, key in wanted.items()}, strict=False)
 
     if prediction_type is None:
         if "v_pred" in tensors or _sidecar_says_v(path):
@@ -239,13 +251,47 @@ def load_single_file(
     if prediction_type == "v_prediction":
         unet.register_to_config(sample_size=96)  # SD 2.x v-models are the 768 px ones
 
-    models = [model.to(torch_device, torch_dtype).eval().requires_grad_(False)
-              for model in (text_encoder, unet, vae)]
+    models = [model.to(torch_device, torch_dtype).eval().requires_grad_(False) if model is not None else None
+              for model in (text_encoder, unet, vae, text_encoder_2)]
     return Components(
         tokenizer=tokenizer, text_encoder=models[0], unet=models[1], vae=to_owned_channels_last(models[2]),
+        tokenizer_2=tokenizer_2, text_encoder_2=models[3],
         scheduler_config={**SD15_SCHEDULER_CONFIG, "prediction_type": prediction_type},
         name=path.stem, source=str(path),
     )
+
+
+def _text_encoder(text_tensors: dict[str, torch.Tensor], config: CLIPTextConfig, path: Path,
+                  with_projection: bool = False) -> torch.nn.Module:
+    from transformers import CLIPTextModelWithProjection
+
+    encoder = (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
+    wanted = {bare_clip_key(key): key for key in encoder.state_dict() if not key.endswith("position_ids")}
+    missing = [bare for bare in wanted if bare not in text_tensors]
+    if missing:
+        raise ModelLoadError(f"{path}: a text encoder lacks {len(missing)} tensors, e.g. {missing[0]}")
+    encoder.load_state_dict({key: text_tensors[bare] for bare, key in wanted.items()}, strict=False)
+    return encoder
+
+
+def _text_encoders(tensors: dict[str, torch.Tensor], family: str, tokenizer: CLIPTokenizer, path: Path):
+    """(text encoder, SDXL's second one or None, SDXL's second tokenizer or None)."""
+    def shapes(group: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(v.shape) for k, v in group.items()}
+
+    if family == "sd2":
+        group = open_clip_to_diffusers(tensors, OPEN_CLIP_PREFIX)
+        return _text_encoder(group, text_config(shapes(group), family, tokenizer), path), None, None
+    prefix = XL_CLIP_PREFIX if family == "sdxl" else CLIP_PREFIX
+    group = {bare_clip_key(k[len(prefix):]): v for k, v in tensors.items() if k.startswith(prefix)}
+    group.pop("text_projection.weight", None)
+    first = _text_encoder(group, text_config(shapes(group), family, tokenizer, open_clip=False), path)
+    if family != "sdxl":
+        return first, None, None
+    tokenizer_2 = family_tokenizer("sd2")  # the same BPE, padding with "!"
+    group = open_clip_to_diffusers(tensors, XL_OPEN_CLIP_PREFIX)
+    config = text_config(shapes(group), "sdxl", tokenizer_2, open_clip=True)
+    return first, _text_encoder(group, config, path, with_projection=True), tokenizer_2
 
 
 def _load_renamed(module: torch.nn.Module, pairs: dict[str, str], tensors: dict[str, torch.Tensor], what: str) -> None:
@@ -279,9 +325,14 @@ def write_single_file(components: Components, out: str | Path, family: str,
         tensors[VAE_PREFIX + original] = tensor[:, :, None, None] if is_vae_attention_matrix(original) else tensor
     text_state = {bare_clip_key(k): v for k, v in components.text_encoder.state_dict().items()
                   if not k.endswith("position_ids")}
-    if family == "sd1":  # the layout of SD 1.5 and later files: transformers names under text_model.
-        tensors.update({f"{CLIP_PREFIX}text_model.{key}": value for key, value in text_state.items()})
-    else:
+    if family in ("sd1", "sdxl"):  # the layout of SD 1.5 and later files: transformers names under text_model.
+        prefix = XL_CLIP_PREFIX if family == "sdxl" else CLIP_PREFIX
+        tensors.update({f"{prefix}text_model.{key}": value for key, value in text_state.items()})
+    if family == "sdxl":
+        second = {bare_clip_key(k): v for k, v in components.text_encoder_2.state_dict().items()
+                  if not k.endswith("position_ids")}
+        tensors.update(diffusers_to_open_clip(second, XL_OPEN_CLIP_PREFIX))
+    elif family == "sd2":
         if "text_projection.weight" not in text_state:  # OpenCLIP always has one; CLIPTextModel drops it
             hidden = components.text_encoder.config.hidden_size
             text_state["text_projection.weight"] = torch.eye(hidden)

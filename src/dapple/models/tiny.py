@@ -125,8 +125,9 @@ def build_tiny_family_pipeline(family: str, seed: int = 0, prediction_type: str 
 
 
 def build_tiny_xl_pipeline(seed: int = 0):
-    """Tiny random SDXL components (diffusers' own test sizes, with the real CLIP tokenizers): two text encoders
-    32 wide (the second with a 32-dim projection), a UNet with text-and-time added conditioning, 64x64 px."""
+    """Tiny random SDXL components with the real CLIP tokenizers, following SDXL's conventions as its single files
+    imply them (64-channel attention heads, 32 normalisation groups): two text encoders 64 wide (the second with
+    a 64-dim projection), a UNet with text-and-time added conditioning, 64x64 px."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -134,12 +135,12 @@ def build_tiny_xl_pipeline(seed: int = 0):
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
+        block_out_channels=(64, 128), layers_per_block=1, sample_size=32, in_channels=4, out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        attention_head_dim=(1, 2), use_linear_projection=True, addition_embed_type="text_time",
         addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
-        projection_class_embeddings_input_dim=80,  # 6 time ids x 8 + the 32-dim pooled text embedding
-        cross_attention_dim=64, norm_num_groups=1,
+        projection_class_embeddings_input_dim=112,  # 6 time ids x 8 + the 64-dim pooled text embedding
+        cross_attention_dim=128,  # the two encoders' 64-wide states side by side
     )
     vae = AutoencoderKL(
         block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4, sample_size=64,
@@ -149,16 +150,16 @@ def build_tiny_xl_pipeline(seed: int = 0):
     tokenizer = bundled_clip_tokenizer()
     tokenizer_2 = CLIPTokenizer.from_pretrained(str(BUNDLED_TOKENIZER_DIR), local_files_only=True, pad_token="!")
 
-    def text_config(pad_token_id: int) -> CLIPTextConfig:
+    def text_config(pad_token_id: int, act: str) -> CLIPTextConfig:
         return CLIPTextConfig(
-            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_attention_heads=4,
-            num_hidden_layers=5, max_position_embeddings=77, hidden_act="gelu", projection_dim=32,
+            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_attention_heads=1,
+            num_hidden_layers=3, max_position_embeddings=77, hidden_act=act, projection_dim=64,
             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_token_id,
         )
 
     return StableDiffusionXLPipeline(
-        vae=vae.eval(), text_encoder=CLIPTextModel(text_config(tokenizer.pad_token_id)).eval(),
-        text_encoder_2=CLIPTextModelWithProjection(text_config(tokenizer_2.pad_token_id)).eval(),
+        vae=vae.eval(), text_encoder=CLIPTextModel(text_config(tokenizer.pad_token_id, "quick_gelu")).eval(),
+        text_encoder_2=CLIPTextModelWithProjection(text_config(tokenizer_2.pad_token_id, "gelu")).eval(),
         tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet.eval(),
         scheduler=EulerDiscreteScheduler(**{k: v for k, v in SD15_SCHEDULER_CONFIG.items()
                                             if k not in ("set_alpha_to_one", "skip_prk_steps")}),
