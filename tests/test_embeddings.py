@@ -75,3 +75,21 @@ def test_embeddings_for_another_model_are_refused_clearly(tiny_model_dir, tmp_pa
         pipe.generate("wide", **RUN)
     with pytest.raises(ModelLoadError, match="SDXL embedding"):
         pipe.generate("xl", **RUN)
+
+
+def test_an_sdxl_embedding_reaches_both_text_encoders(tmp_path) -> None:
+    from dapple.models.tiny import build_tiny_xl_pipeline
+
+    folder = tmp_path / "xl"
+    build_tiny_xl_pipeline(seed=1).save_pretrained(str(folder), safe_serialization=True)
+    first, second = torch.randn(3, 64), torch.randn(3, 64)
+    (tmp_path / "embeddings").mkdir()
+    save_file({"clip_l": first, "clip_g": second}, str(tmp_path / "embeddings" / "shine.safetensors"))
+    pipe = dapple.load(folder, device="cpu", embedding_dirs=[tmp_path / "embeddings"])
+    plain = pipe.generate("a circle", **RUN).pixels
+    assert not torch.equal(pipe.generate("a shine circle", **RUN).pixels, plain)
+    tokens = ["<ti-shine-0>", "<ti-shine-1>", "<ti-shine-2>"]
+    for tokenizer, encoder, vectors in ((pipe.components.tokenizer, pipe.components.text_encoder, first),
+                                        (pipe.components.tokenizer_2, pipe.components.text_encoder_2, second)):
+        assert torch.equal(encoder.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids(tokens)], vectors)
+    assert torch.equal(pipe.generate("a circle", **RUN).pixels, plain)

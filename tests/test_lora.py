@@ -167,3 +167,30 @@ def test_a_symlink_out_of_the_lora_folder_is_refused(lora_pipe, loras, tmp_path)
     (loras[0] / "secret.safetensors").symlink_to(outside / "secret.safetensors")
     with pytest.raises(ModelLoadError, match="links outside"):
         lora_pipe.generate("x <lora:secret:1>", **RUN)
+
+
+def test_an_sdxl_lora_reaches_both_text_encoders_and_comes_off_exactly(tmp_path) -> None:
+    from dapple.models.tiny import build_tiny_xl_pipeline
+
+    folder = tmp_path / "xl"
+    build_tiny_xl_pipeline(seed=1).save_pretrained(str(folder), safe_serialization=True)
+    generator = torch.Generator().manual_seed(5)
+    layers = {"lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q": 128,
+              "lora_te1_text_model_encoder_layers_0_self_attn_q_proj": 64,
+              "lora_te2_text_model_encoder_layers_0_self_attn_q_proj": 64}
+    tensors = {}
+    for name, width in layers.items():
+        tensors[f"{name}.lora_down.weight"] = torch.randn(2, width, generator=generator)
+        tensors[f"{name}.lora_up.weight"] = torch.randn(width, 2, generator=generator)
+    (tmp_path / "Lora").mkdir()
+    save_file(tensors, str(tmp_path / "Lora" / "xl_style.safetensors"))
+    pipe = dapple.load(folder, device="cpu", lora_dirs=[tmp_path / "Lora"])
+    second = pipe.components.text_encoder_2
+    before = {name: tensor.clone() for name, tensor in second.state_dict().items()}
+    plain = _pixels(pipe, "a red circle")
+    styled = _pixels(pipe, "a red circle <lora:xl_style:1>")
+    assert np.abs(styled - plain).max() > 0.01
+    changed = [name for name, tensor in second.state_dict().items() if not torch.equal(tensor, before[name])]
+    assert changed == ["text_model.encoder.layers.0.self_attn.q_proj.weight"]
+    assert np.array_equal(_pixels(pipe, "a red circle"), plain)
+    assert all(torch.equal(tensor, before[name]) for name, tensor in second.state_dict().items())

@@ -46,7 +46,7 @@ class Pipeline:
         self.limits = limits or Limits()
         self._scheduler: SchedulerMixin | None = None
         self.lora_dirs: list[Path] = [Path(folder) for folder in lora_dirs]  # where <lora:name:w> looks
-        self._patcher = LoraPatcher(components.unet, components.text_encoder)
+        self._patcher = LoraPatcher(components.unet, components.text_encoder, components.text_encoder_2)
         self._lora_layers: dict[tuple[str, int, int], list[LoraLayer]] = {}
         self.embedding_dirs: list[Path] = [Path(folder) for folder in embedding_dirs]  # textual inversion
         self._installed_embeddings: set[tuple[str, int, int]] = set()
@@ -231,7 +231,8 @@ class Pipeline:
             stat = path.stat()
             key = (str(path), stat.st_size, stat.st_mtime_ns)
             if key not in self._lora_layers:
-                self._lora_layers[key] = read_lora(path, self.components.unet, self.components.text_encoder)
+                self._lora_layers[key] = read_lora(path, self.components.unet, self.components.text_encoder,
+                                                   self.components.text_encoder_2)
             loras.append((str(key), self._lora_layers[key], network.weight))
             hashes[network.name] = model_sha256(path)[:LORA_HASH_LENGTH]
         self._patcher.apply(loras)

@@ -5,7 +5,7 @@ prompt puts those vectors where the name stands, as A1111 does. Files:
 
 - A1111 .safetensors: `emb_params` (n x hidden); A1111 .pt: {"string_to_param": {"*": n x hidden}, ...}
 - diffusers learned_embeds(.safetensors/.bin): {"<token>": hidden or n x hidden}
-- SDXL files ({"clip_l": ..., "clip_g": ...}) are recognised and refused until SDXL lands.
+- SDXL: {"clip_l": n x 768, "clip_g": n x 1280}, one set of vectors per text encoder.
 
 Pickle files (.pt, .bin) are read only with allow_pickle, through torch's weights_only loader.
 Installing an embedding adds placeholder tokens to a private copy of the tokenizer and rows to the text encoder's
@@ -32,6 +32,7 @@ EMBEDDING_HASH_LENGTH = 12  # A1111's "TI hashes" use the first 12 hex digits of
 class Embedding:
     name: str
     vectors: torch.Tensor  # (n, hidden)
+    vectors_2: torch.Tensor | None = None  # SDXL: the second text encoder's (n, hidden_2)
 
 
 def read_embedding(path: str | Path, allow_pickle: bool = False) -> Embedding:
@@ -45,7 +46,9 @@ def read_embedding(path: str | Path, allow_pickle: bool = False) -> Embedding:
     else:
         data = torch.load(str(path), map_location="cpu", weights_only=True)
     if "clip_l" in data and "clip_g" in data:
-        raise ModelLoadError(f"{path}: an SDXL embedding (clip_l + clip_g); Dapple reads SD 1.x/2.x embeddings only")
+        first, second = (data[key].detach().float() for key in ("clip_l", "clip_g"))
+        return Embedding(path.stem, first[None] if first.ndim == 1 else first,
+                         second[None] if second.ndim == 1 else second)
     if "string_to_param" in data:
         data = data["string_to_param"]
     tensors = [value for value in data.values() if isinstance(value, torch.Tensor)]
@@ -63,23 +66,38 @@ def _placeholders(name: str, count: int) -> list[str]:
 
 
 def install(components, embedding: Embedding) -> str:
-    """Give the components' tokenizer and text encoder this embedding; return the text that stands for it."""
-    hidden = components.text_encoder.get_input_embeddings().weight.shape[1]
-    if embedding.vectors.shape[1] != hidden:
-        raise ModelLoadError(f"embedding {embedding.name!r} has {embedding.vectors.shape[1]}-wide vectors; this "
-                             f"model's text encoder takes {hidden} (is it for SD 1.x vs 2.x?)")
-    if not getattr(components, "_owns_tokenizer", False):
-        components.tokenizer = copy.deepcopy(components.tokenizer)  # the bundled tokenizer is shared
-        components._owns_tokenizer = True
+    """Give the components' tokenizer(s) and text encoder(s) this embedding; return the text that stands for it."""
+    targets = [("tokenizer", "text_encoder", embedding.vectors)]
+    if components.is_xl:
+        if embedding.vectors_2 is None:
+            raise ModelLoadError(f"embedding {embedding.name!r} is for SD 1.x/2.x; an SDXL model needs clip_l and "
+                                 "clip_g vectors")
+        targets.append(("tokenizer_2", "text_encoder_2", embedding.vectors_2))
+    elif embedding.vectors_2 is not None:
+        raise ModelLoadError(f"embedding {embedding.name!r} is an SDXL embedding (clip_l + clip_g); this model "
+                             "is SD 1.x/2.x")
+    for tokenizer_name, encoder_name, vectors in targets:
+        hidden = getattr(components, encoder_name).get_input_embeddings().weight.shape[1]
+        if vectors.shape[1] != hidden:
+            raise ModelLoadError(f"embedding {embedding.name!r} has {vectors.shape[1]}-wide vectors; this model's "
+                                 f"text encoder takes {hidden} (is it for SD 1.x vs 2.x?)")
     tokens = _placeholders(embedding.name, len(embedding.vectors))
-    tokenizer, encoder = components.tokenizer, components.text_encoder
-    tokenizer.add_tokens(tokens)
-    ids = tokenizer.convert_tokens_to_ids(tokens)
-    if max(ids) >= encoder.get_input_embeddings().weight.shape[0]:
-        encoder.resize_token_embeddings(len(tokenizer))
-    with torch.no_grad():
-        weight = encoder.get_input_embeddings().weight
-        weight[ids] = embedding.vectors.to(weight.device, weight.dtype)
+    for tokenizer_name, encoder_name, vectors in targets:
+        owned = f"_owns_{tokenizer_name}"
+        if not getattr(components, owned, False):  # the bundled tokenizers are shared: add to a copy
+            setattr(components, tokenizer_name, copy.deepcopy(getattr(components, tokenizer_name)))
+            setattr(components, owned, True)
+        tokenizer, encoder = getattr(components, tokenizer_name), getattr(components, encoder_name)
+        tokenizer.add_tokens(tokens)
+        ids = tokenizer.convert_tokens_to_ids(tokens)
+        if max(ids) >= encoder.get_input_embeddings().weight.shape[0]:
+            encoder.resize_token_embeddings(len(tokenizer))
+        with torch.no_grad():
+            weight = encoder.get_input_embeddings().weight
+            weight[ids] = vectors.to(weight.device, weight.dtype)
+    if components.is_xl and components.tokenizer.convert_tokens_to_ids(tokens) != \
+            components.tokenizer_2.convert_tokens_to_ids(tokens):
+        raise ModelLoadError("SDXL's two tokenizers gave the embedding different ids")  # both share one chunking
     return " ".join(tokens)
 
 

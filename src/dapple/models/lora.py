@@ -4,7 +4,7 @@ A LoRA file holds, for some Linear / Conv2d layers, two thin matrices `down` (ra
 a scale alpha; the layer's weight becomes W + weight x (alpha / rank) x up @ down. Files come in two layouts:
 
 - kohya (sd-scripts, A1111, civitai): `lora_unet_<module path with _>.lora_down.weight` / `.lora_up.weight` /
-  `.alpha`, text encoder under `lora_te_`. UNet module paths are diffusers names (kohya) or original ldm names
+  `.alpha`, text encoder under `lora_te_` (SDXL: `lora_te1_`, `lora_te2_`). UNet module paths are diffusers names (kohya) or original ldm names
   (`lora_unet_input_blocks_1_1_proj_in`, older trainers); both resolve.
 - diffusers / PEFT: `unet.<module path>.lora_A.weight` / `.lora_B.weight` (text encoder under `text_encoder.`),
   or PEFT's own `base_model.model.<module path>...` with alpha in an adapter_config.json beside the file.
@@ -33,7 +33,7 @@ from dapple.models.original_layout import unet_key_pairs
 class LoraLayer:
     """One adapted layer: which component, which module, and its low-rank factors with their scale."""
 
-    component: str  # "unet" or "text_encoder"
+    component: str  # "unet", "text_encoder" or (SDXL) "text_encoder_2"
     module: str  # the module's name in that component (named_modules())
     down: torch.Tensor
     up: torch.Tensor
@@ -79,37 +79,42 @@ def _text_module_name(flat: str, index: dict[str, str]) -> str | None:
     return None
 
 
-def read_lora(path: str | Path, unet: torch.nn.Module, text_encoder: torch.nn.Module) -> list[LoraLayer]:
-    """The layers a LoRA file adapts, resolved against this model's modules. Unknown layers are an error naming
-    them (a LoRA for another architecture), since silently skipping them would change what the LoRA does."""
+def read_lora(path: str | Path, unet: torch.nn.Module, text_encoder: torch.nn.Module,
+              text_encoder_2: torch.nn.Module | None = None) -> list[LoraLayer]:
+    """The layers a LoRA file adapts, resolved against this model's modules (SDXL's second text encoder too).
+    Unknown layers are an error naming them (a LoRA for another architecture), since silently skipping them
+    would change what the LoRA does."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ModelLoadError(f"{path}: LoRA files are read from .safetensors only (convert pickles with `dapple "
                              "convert` first)")
     tensors = load_file(str(path))
     unet_index = _module_index(unet, _ldm_module_names(unet))
-    text_index = _module_index(text_encoder)
+    text_indices = {"text_encoder": _module_index(text_encoder)}
+    if text_encoder_2 is not None:
+        text_indices["text_encoder_2"] = _module_index(text_encoder_2)
     if any(key.endswith(".lora_down.weight") for key in tensors):
-        return _read_kohya(tensors, unet_index, text_index, path)
+        return _read_kohya(tensors, unet_index, text_indices, path)
     if any(key.endswith(".lora_A.weight") for key in tensors):
-        return _read_peft(tensors, unet_index, text_index, path)
+        return _read_peft(tensors, unet_index, text_indices, path)
     raise ModelLoadError(f"{path}: not a LoRA Dapple reads: expected kohya keys (*.lora_down.weight) or "
                          "diffusers/PEFT keys (*.lora_A.weight)")
 
 
-def _read_kohya(tensors, unet_index, text_index, path) -> list[LoraLayer]:
+def _read_kohya(tensors, unet_index, text_indices, path) -> list[LoraLayer]:
     layers, unknown = [], []
     for key in sorted(k for k in tensors if k.endswith(".lora_down.weight")):
         base = key[: -len(".lora_down.weight")]
         down, up = tensors[key], tensors[f"{base}.lora_up.weight"]
         rank = down.shape[0]
         alpha = float(tensors[f"{base}.alpha"]) if f"{base}.alpha" in tensors else float(rank)
+        component, module = "", None
         if base.startswith("lora_unet_"):
             component, module = "unet", unet_index.get(base[len("lora_unet_"):])
-        elif base.startswith("lora_te_"):
-            component, module = "text_encoder", _text_module_name(base[len("lora_te_"):], text_index)
-        else:
-            component, module = "", None
+        for prefix, encoder in (("lora_te_", "text_encoder"), ("lora_te1_", "text_encoder"),
+                                ("lora_te2_", "text_encoder_2")):  # te1/te2: SDXL's two encoders
+            if base.startswith(prefix) and encoder in text_indices:
+                component, module = encoder, _text_module_name(base[len(prefix):], text_indices[encoder])
         if module is None:
             unknown.append(base)
             continue
@@ -118,7 +123,7 @@ def _read_kohya(tensors, unet_index, text_index, path) -> list[LoraLayer]:
     return layers
 
 
-def _read_peft(tensors, unet_index, text_index, path) -> list[LoraLayer]:
+def _read_peft(tensors, unet_index, text_indices, path) -> list[LoraLayer]:
     config_file = path.with_name("adapter_config.json")
     config = json.loads(config_file.read_text()) if config_file.is_file() else {}
     layers, unknown = [], []
@@ -128,12 +133,12 @@ def _read_peft(tensors, unet_index, text_index, path) -> list[LoraLayer]:
         rank = down.shape[0]
         alpha = float(tensors[f"{base}.alpha"]) if f"{base}.alpha" in tensors else float(config.get("lora_alpha", rank))
         name = re.sub(r"^base_model\.model\.", "unet.", base)
+        component, module = "", None
         if name.startswith("unet."):
             component, module = "unet", unet_index.get(_normalise(name[len("unet."):]))
-        elif name.startswith("text_encoder."):
-            component, module = "text_encoder", _text_module_name(_normalise(name[len("text_encoder."):]), text_index)
-        else:
-            component, module = "", None
+        for encoder, index in text_indices.items():
+            if name.startswith(encoder + "."):
+                component, module = encoder, _text_module_name(_normalise(name[len(encoder) + 1:]), index)
         if module is None:
             unknown.append(base)
             continue
@@ -152,8 +157,11 @@ class LoraPatcher:
     """Applies a set of (LoRA layers, weight) to a model's UNet and text encoder by merging, and restores the
     original weights exactly. apply() with the same set twice does nothing the second time."""
 
-    def __init__(self, unet: torch.nn.Module, text_encoder: torch.nn.Module) -> None:
+    def __init__(self, unet: torch.nn.Module, text_encoder: torch.nn.Module,
+                 text_encoder_2: torch.nn.Module | None = None) -> None:
         self._models = {"unet": unet, "text_encoder": text_encoder}
+        if text_encoder_2 is not None:
+            self._models["text_encoder_2"] = text_encoder_2
         self._originals: dict[tuple[str, str], torch.Tensor] = {}
         self._active: tuple = ()
 
