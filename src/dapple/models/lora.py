@@ -4,8 +4,8 @@ A LoRA file holds, for some Linear / Conv2d layers, two thin matrices `down` (ra
 a scale alpha; the layer's weight becomes W + weight x (alpha / rank) x up @ down. Files come in two layouts:
 
 - kohya (sd-scripts, A1111, civitai): `lora_unet_<module path with _>.lora_down.weight` / `.lora_up.weight` /
-  `.alpha`, text encoder under `lora_te_` (SDXL: `lora_te1_`, `lora_te2_`). UNet module paths are diffusers names (kohya) or original ldm names
-  (`lora_unet_input_blocks_1_1_proj_in`, older trainers); both resolve.
+  `.alpha`, text encoder under `lora_te_` (SDXL: `lora_te1_`, `lora_te2_`). UNet module paths are diffusers
+  names (kohya) or original ldm names (`lora_unet_input_blocks_1_1_proj_in`, older trainers); both resolve.
 - diffusers / PEFT: `unet.<module path>.lora_A.weight` / `.lora_B.weight` (text encoder under `text_encoder.`),
   or PEFT's own `base_model.model.<module path>...` with alpha in an adapter_config.json beside the file.
   Without an alpha the scale is 1 (alpha = rank), as diffusers saves them.
