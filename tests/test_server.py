@@ -101,7 +101,9 @@ def test_limits_and_unknown_ids(client) -> None:
     assert client.get("/api/v1/jobs?status=lost").status_code == 422
     assert client.get("/api/v1/health").json()["status"] == "ok"
     assert "Euler a" in client.get("/api/v1/samplers").json()
-    assert client.get("/api/v1/models").json()[0]["loaded"] is True
+    assert client.get("/api/v1/models").json() == [{"name": "model", "default": True, "loaded": False}]
+    unknown = client.post("/api/v1/jobs", json={**FAST, "model": "nope"})
+    assert unknown.status_code == 404 and unknown.json()["valid"] == ["model"]
     assert "/api/v1/jobs" in client.get("/openapi.json").json()["paths"]
 
 
@@ -141,3 +143,42 @@ def test_studio_page_is_served_and_uses_only_the_native_api(client) -> None:
     job = finished(client, client.post("/api/v1/jobs", json=FAST).json()["id"])
     entry = client.get("/api/v1/images").json()[0]
     assert entry["id"] == job["image_ids"][0] and entry["parameters"]["Seed"] == 3  # for "use these settings"
+
+
+def test_jobs_name_models_from_the_models_folder(tmp_path, pipe) -> None:
+    """A server with a models folder: jobs pick a checkpoint by name, the A1111 options switch the default."""
+    from dapple.models.library import ModelFolders
+    from dapple.models.tiny import save_tiny_model
+    from dapple.service.models import ModelPool
+
+    checkpoints = tmp_path / "webui" / "models" / "Stable-diffusion"
+    save_tiny_model(checkpoints / "other", seed=5)
+    loads = []
+
+    def load(path):
+        loads.append(path.name)
+        import dapple
+        return dapple.load(path, device="cpu")
+
+    pool = ModelPool(lambda: pipe, "tiny", ModelFolders.from_root(tmp_path / "webui"), load)
+    service = JobService(tmp_path / "data", lambda: pipe, models=pool)
+    service.start()
+    try:
+        with TestClient(create_app(service, model_name="tiny")) as client:
+            assert [m["name"] for m in client.get("/api/v1/models").json()] == ["tiny", "other"]
+            default = finished(client, client.post("/api/v1/jobs", json=FAST).json()["id"])
+            other = finished(client, client.post("/api/v1/jobs", json={**FAST, "model": "other"}).json()["id"])
+            assert default["status"] == other["status"] == "finished" and loads == ["other"]
+            infotexts = [client.get("/api/v1/images").json()[i]["infotext"] for i in (0, 1)]
+            assert "Model: other" in infotexts[0] and "Model: tiny" in infotexts[1]
+            assert {m["name"]: m["loaded"] for m in client.get("/api/v1/models").json()} == {"tiny": True,
+                                                                                            "other": True}
+            titles = [entry["title"] for entry in client.get("/sdapi/v1/sd-models").json()]
+            assert [title.split(" [")[0] for title in titles] == ["tiny", "other"]
+            assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": titles[1]}).status_code == 200
+            answer = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 2, "width": 64, "height": 64})
+            assert json.loads(answer.json()["info"])["sd_model_name"] == "other"
+            missing = client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "nope"})
+            assert missing.status_code == 404 and "available: tiny, other" in missing.json()["detail"]
+    finally:
+        service.stop()

@@ -59,6 +59,8 @@ def test_the_studio_generates_reuses_settings_and_inpaints(studio_url, tmp_path)
         page.on("pageerror", lambda error: errors.append(str(error)))
         page.goto(studio_url)
         page.wait_for_function("document.getElementById('sampler').options.length > 5")
+        page.wait_for_function("document.getElementById('model').options.length == 1")
+        assert page.input_value("#model") == "tiny"
         page.fill("#prompt", "a red circle on a blue background")
         page.fill("#steps", "6")
         page.fill("#seed", "4")

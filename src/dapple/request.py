@@ -56,6 +56,8 @@ class GenerationRequest(BaseModel):
     seed: int = Field(-1, ge=-1, le=MAX_SEED, description="-1 picks a random seed; image i uses seed + i")
     sampler: str = Field(DEFAULT_SAMPLER, min_length=1, description="A1111 name, e.g. 'Euler a', 'DPM++ 2M Karras'")
     batch_size: int = Field(1, ge=1, le=16)
+    model: str | None = Field(None, description="a server's model by name (GET /api/v1/models); None: its "
+                                 "default. Python callers choose the model with dapple.load instead")
 
     # -- image modes (img2img, inpaint, outpaint, depth2img): images are PIL images, arrays, paths or bytes --
     init_image: Any = Field(None, description="img2img/inpaint/outpaint/depth2img: the image to start from")

@@ -26,7 +26,7 @@ from dapple.engine.hooks import CancelToken, StepContext, StepHooks
 from dapple.engine.latents import decode, seeded_noise, to_pil
 from dapple.engine.modes import run_request
 from dapple.engine.prompt_syntax import ExtraNetwork, extract_extra_networks
-from dapple.errors import GenerationCancelled
+from dapple.errors import GenerationCancelled, InvalidRequestError
 from dapple.models.components import Components
 from dapple.models.embeddings import EMBEDDING_HASH_LENGTH, EMBEDDING_SUFFIXES, install, name_pattern, read_embedding
 from dapple.models.lora import LORA_HASH_LENGTH, LoraLayer, LoraPatcher, find_in_folders, read_lora
@@ -201,6 +201,9 @@ class Pipeline:
     ) -> GenerationResult:
         """Run a prepared request (the entry point the CLI and servers use)."""
         self.limits.check(request)
+        if request.model is not None and request.model != self.components.name:
+            raise InvalidRequestError(f"model {request.model!r}: this pipeline runs {self.components.name!r} "
+                                      "(choose models with dapple.load; servers pick them by name)")
         self.apply_loras(extract_extra_networks(request.prompt)[1])
         self.install_embeddings(f"{request.prompt} {request.negative_prompt}")
         hooks = hooks or StepHooks()

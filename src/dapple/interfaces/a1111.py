@@ -97,7 +97,8 @@ def translate(body: dict[str, Any], mode: str) -> tuple[dict[str, Any], list[str
             fields.update(mask=_image_field(body["mask"], "mask"), mask_blur=int(body.get("mask_blur") or 0),
                           inpainting_fill=int(body.get("inpainting_fill") or 0),
                           invert_mask=bool(body.get("inpainting_mask_invert")))
-    ignored = [name for name in IGNORED_WHEN_SET if _set(body, name)]
+    ignored = [name for name in IGNORED_WHEN_SET if _set(body, name)
+               and not (name == "override_settings" and set(body[name]) == {"sd_model_checkpoint"})]
     if int(body.get("n_iter") or 1) > 1:
         ignored.append("n_iter (run as one batch of batch_size x n_iter)")
     return fields, ignored
@@ -119,8 +120,22 @@ def create_router(service: JobService, model_name: str, model_path: Path | None)
             model_hash["sha256"] = model_sha256(model_path) if model_path else hashlib.sha256().hexdigest()
         return model_hash["sha256"][:10]
 
+    def checkpoint(title: str) -> str:
+        """A1111 names checkpoints "name [hash]" in its lists; the name is what matters."""
+        name = title.rsplit(" [", 1)[0] if title.endswith("]") else title
+        if name not in service.models.names():
+            raise A1111Error(404, f"unknown checkpoint {title!r}; available: {', '.join(service.models.names())}")
+        return name
+
+    def checkpoint_hash(name: str) -> str:
+        path = service.models.path(name)
+        return short_hash() if path is None else model_sha256(path)[:10]
+
     def generate(body: dict[str, Any], mode: str) -> dict[str, Any]:
         fields, ignored = translate(body, mode)
+        override = (body.get("override_settings") or {}).get("sd_model_checkpoint")
+        chosen = checkpoint(override) if override else options["sd_model_checkpoint"]
+        fields["model"] = None if chosen == model_name else chosen
         for name in ("init_image", "mask"):
             if fields.get(name) is not None:
                 try:
@@ -144,8 +159,8 @@ def create_router(service: JobService, model_name: str, model_path: Path | None)
             len(seeds), "seed": seeds[0] if seeds else -1, "all_seeds": seeds, "subseed": -1,
             "all_subseeds": [-1] * len(seeds), "subseed_strength": 0, "width": first["width"],
             "height": first["height"], "sampler_name": fields["sampler"], "cfg_scale": fields["guidance_scale"],
-            "steps": fields["steps"], "batch_size": len(seeds), "sd_model_name": model_name,
-            "sd_model_hash": short_hash(), "denoising_strength": fields.get("strength",
+            "steps": fields["steps"], "batch_size": len(seeds), "sd_model_name": chosen,
+            "sd_model_hash": checkpoint_hash(chosen), "denoising_strength": fields.get("strength",
                                                                             fields.get("hires_strength", 0)),
             "infotexts": infotexts, "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
             "version": f"dapple {__version__}", "ignored": ignored, "dapple_job_id": job.id,
@@ -199,15 +214,20 @@ def create_router(service: JobService, model_name: str, model_path: Path | None)
     async def set_options(request: Request) -> dict[str, Any]:
         body = await _json(request)
         wanted = body.get("sd_model_checkpoint")
-        if wanted is not None and wanted not in (model_name, f"{model_name} [{short_hash()}]"):
-            raise A1111Error(404, f"unknown checkpoint {wanted!r}; available: {model_name}")
+        if wanted is not None:  # A1111 switches models this way; here the next jobs name it
+            options["sd_model_checkpoint"] = checkpoint(str(wanted))
         options.update({key: value for key, value in body.items() if key != "sd_model_checkpoint"})
         return {}
 
     @router.get("/sd-models")
     def sd_models() -> list[dict[str, Any]]:
-        return [{"title": f"{model_name} [{short_hash()}]", "model_name": model_name, "hash": short_hash(),
-                 "sha256": model_hash["sha256"], "filename": str(model_path or model_name), "config": None}]
+        listing = []
+        for name in service.models.names():
+            path = service.models.path(name) or model_path
+            digest = model_sha256(path) if path is not None else hashlib.sha256().hexdigest()
+            listing.append({"title": f"{name} [{digest[:10]}]", "model_name": name, "hash": digest[:10],
+                            "sha256": digest, "filename": str(path or name), "config": None})
+        return listing
 
     @router.get("/samplers")
     def samplers() -> list[dict[str, Any]]:

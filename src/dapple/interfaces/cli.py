@@ -345,7 +345,9 @@ def serve(
 
     import dapple
     from dapple.interfaces.server import create_app
+    from dapple.models.library import ModelFolders
     from dapple.service.jobs import JobService
+    from dapple.service.models import ModelPool
 
     credentials = None
     if api_auth is not None:
@@ -359,9 +361,14 @@ def serve(
     _quiet_libraries()
     with user_errors():
         model, _, lora_dirs, embedding_dirs = _resolve_names(model, None, models_dir)
-        pipe = dapple.load(model, device=device, dtype=dtype, lora_dirs=lora_dirs,  # fail now, not on a job
-                           embedding_dirs=embedding_dirs)
-    service = JobService(data_dir, lambda: pipe, queue_size=queue_size)
+
+        def load(path: Optional[Path]) -> dapple.Pipeline:
+            return dapple.load(path, device=device, dtype=dtype, lora_dirs=lora_dirs, embedding_dirs=embedding_dirs)
+
+        pipe = load(model)  # fail now, not on the first job
+        folders = ModelFolders.from_root(models_dir) if models_dir is not None else None
+        pool = ModelPool(lambda: pipe, pipe.components.name, folders, load)
+    service = JobService(data_dir, lambda: pipe, queue_size=queue_size, models=pool)
     service.start()
     try:
         app = create_app(service, model_name=pipe.components.name,

@@ -33,6 +33,7 @@ from dapple.interfaces import a1111
 from dapple.request import GenerationRequest
 from dapple.samplers import sampler_names
 from dapple.service.jobs import STATUSES, Job, JobNotFoundError, JobService, QueueFullError
+from dapple.service.models import UnknownModelError
 
 DEFAULT_MAX_BODY = 32 * 1024 * 1024
 STUDIO = Path(__file__).with_name("studio") / "index.html"
@@ -81,6 +82,7 @@ def create_app(service: JobService, *, max_body: int = DEFAULT_MAX_BODY, model_n
     /api/v1 and AUTOMATIC1111's under /sdapi/v1. auth: HTTP Basic credentials required on every route.
     cors_origins: origins allowed to call from a browser (none by default)."""
     app = FastAPI(title="Dapple", version="1", docs_url="/docs")
+    service.models.default_name = model_name  # what jobs, A1111 options and /models call the default model
     app.include_router(a1111.create_router(service, model_name, model_path))
     if cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["*"], allow_headers=["*"])
@@ -120,6 +122,12 @@ def create_app(service: JobService, *, max_body: int = DEFAULT_MAX_BODY, model_n
             return a1111.error_response(request, error)
         return _error(404, str(error), valid=sampler_names())
 
+    @app.exception_handler(UnknownModelError)
+    async def unknown_model(request: Request, error: UnknownModelError):
+        if a1111_route(request):
+            return a1111.error_response(request, a1111.A1111Error(404, str(error)))
+        return _error(404, str(error), valid=error.valid)
+
     @app.exception_handler(JobNotFoundError)
     async def not_found(request: Request, error: JobNotFoundError):
         return _error(404, str(error))
@@ -139,8 +147,11 @@ def create_app(service: JobService, *, max_body: int = DEFAULT_MAX_BODY, model_n
 
     @app.get("/api/v1/models")
     def models() -> list[dict[str, Any]]:
-        """The model this server runs (one per server until the model library lands)."""
-        return [{"name": model_name, "path": str(model_path) if model_path else None, "loaded": True}]
+        """The models a job may name (`model`): the server's default first, then its models folder's
+        checkpoints; `loaded` ones start without a load."""
+        loaded = set(service.models.loaded())
+        return [{"name": name, "default": index == 0, "loaded": name in loaded}
+                for index, name in enumerate(service.models.names())]
 
     @app.get("/api/v1/samplers")
     def samplers() -> list[str]:

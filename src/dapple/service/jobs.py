@@ -26,6 +26,7 @@ from dapple.engine.hooks import CancelToken, StepContext
 from dapple.errors import DappleError, GenerationCancelled, InvalidRequestError
 from dapple.request import make_request
 from dapple.samplers import resolve_sampler
+from dapple.service.models import ModelPool
 from dapple.service.outputs import save_png
 
 STATUSES = ("queued", "running", "finished", "failed", "cancelled")
@@ -77,12 +78,14 @@ def _validate(fields: dict[str, Any]) -> None:
 class JobService:
     """Queue, worker and gallery over one SQLite file and one images folder."""
 
-    def __init__(self, data_dir: str | Path, pipeline: Callable[[], Any], *, queue_size: int = 64) -> None:
+    def __init__(self, data_dir: str | Path, pipeline: Callable[[], Any], *, queue_size: int = 64,
+                 models: ModelPool | None = None) -> None:
+        """pipeline: makes the default model's pipeline (called once, by the worker); models: the pool of
+        models jobs may name (default: only that one)."""
         self.data_dir = Path(data_dir)
         self.images_dir = self.data_dir / "images"
         self.images_dir.mkdir(parents=True, exist_ok=True)
-        self._pipeline_factory = pipeline
-        self._pipeline: Any = None
+        self.models = models or ModelPool(pipeline)
         self.queue_size = queue_size
         self._db = sqlite3.connect(self.data_dir / "dapple.db", check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -125,6 +128,7 @@ class JobService:
     def submit(self, fields: dict[str, Any]) -> Job:
         """Validate and store a job; it is durable once this returns."""
         _validate(fields)
+        self.models.check(fields.get("model"))
         job_id = uuid.uuid4().hex
         with self._wake:
             queued = self._db.execute("SELECT COUNT(*) FROM jobs WHERE status='queued'").fetchone()[0]
@@ -250,10 +254,10 @@ class JobService:
                                 "phase": context.phase, "context": context})
 
         try:
-            if self._pipeline is None:
-                self._pipeline = self._pipeline_factory()
-            result = self._pipeline.run(make_request(**job.request), callback=progress,
-                                        cancel=self._cancel_tokens[job_id])
+            request = make_request(**job.request)
+            pipeline = self.models.get(request.model)
+            result = pipeline.run(request.model_copy(update={"model": None}), callback=progress,
+                                  cancel=self._cancel_tokens[job_id])
             records = []
             for index, (image, seed, infotext) in enumerate(zip(result.images, result.seeds, result.infotexts)):
                 name = f"{job_id}-{index}.png"  # the same name if the job runs again after a crash
