@@ -67,3 +67,11 @@ def test_sdxl_size_conditioning_matters(xl_dir) -> None:
             predictions.append(c.unet(latents, 500, encoder_hidden_states=cond.unet_batch,
                                       added_cond_kwargs=cond.added_cond_kwargs).sample)
     assert not torch.allclose(*predictions)
+
+
+def test_the_tutorial_building_blocks_work_for_sdxl(xl_dir) -> None:
+    pipe = dapple.load(xl_dir, device="cpu")
+    conditioning = pipe.encode_prompt("a red circle", "blurry", guidance_scale=5.0)
+    assert conditioning.unet_batch.shape == (2, 77, 128)
+    kwargs = conditioning.added_cond_kwargs
+    assert kwargs["text_embeds"].shape == (2, 64) and kwargs["time_ids"].tolist()[0] == [64, 64, 0, 0, 64, 64]

@@ -21,7 +21,7 @@ import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from PIL import Image
 
-from dapple.engine.conditioning import Conditioning, encode_prompt
+from dapple.engine.conditioning import Conditioning, encode_prompt, encode_prompt_xl
 from dapple.engine.hooks import CancelToken, StepContext, StepHooks
 from dapple.engine.latents import decode, seeded_noise, to_pil
 from dapple.engine.modes import run_request
@@ -96,7 +96,14 @@ class Pipeline:
     def encode_prompt(
         self, prompt: str, negative_prompt: str = "", *, guidance_scale: float = 7.0, batch_size: int = 1
     ) -> Conditioning:
-        """Text embeddings; `.unet_batch` is what the UNet's encoder_hidden_states takes ([uncond; cond])."""
+        """Text embeddings; `.unet_batch` is what the UNet's encoder_hidden_states takes ([uncond; cond]) and,
+        for SDXL, `.added_cond_kwargs` its pooled text and size conditioning (at the native size)."""
+        c = self.components
+        if c.is_xl:
+            return encode_prompt_xl(
+                (c.tokenizer, c.tokenizer_2), (c.text_encoder, c.text_encoder_2), prompt, negative_prompt,
+                guidance_scale=guidance_scale, batch_size=batch_size,
+            ).with_time_ids(c.native_size, c.native_size)
         return encode_prompt(
             self.tokenizer, self.text_encoder, prompt, negative_prompt,
             guidance_scale=guidance_scale, batch_size=batch_size,
