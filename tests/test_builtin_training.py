@@ -9,7 +9,7 @@ from dapple.train.builtin_model import TINY_ARCHITECTURE
 from dapple.train.builtin_training import BuiltinTrainer, TrainingConfig
 
 CONFIG = TrainingConfig(
-    architecture=TINY_ARCHITECTURE, vae_steps=40, vae_batch_size=8, vae_learning_rate=3e-3,
+    architecture=TINY_ARCHITECTURE, vae_steps=40, vae_batch_size=8, vae_learning_rate=3e-3, vae_warmup_steps=5,
     diffusion_steps=40, diffusion_batch_size=16, diffusion_learning_rate=2e-3, warmup_steps=5,
     scene_pool=128, checkpoint_every=7, log_every=10, multires_noise_from_step=20,
 )

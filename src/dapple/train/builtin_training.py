@@ -47,9 +47,13 @@ class TrainingConfig:
 
     seed: int = 0
     architecture: Architecture = field(default_factory=Architecture)
-    vae_steps: int = 1500
+    # 1500 steps at a constant 1e-3 without clipping spiked at step ~1100 (loss 0.006 -> 0.19) and ended at
+    # 27.2 dB, its reconstructions' shapes graded 88.5%: below the 90% bar before any diffusion. So: warm-up,
+    # cosine decay to a tenth, gradients clipped, twice the steps.
+    vae_steps: int = 3000
     vae_batch_size: int = 32
     vae_learning_rate: float = 1e-3
+    vae_warmup_steps: int = 100
     vae_kl_weight: float = 1e-6
     diffusion_steps: int = 5000
     diffusion_batch_size: int = 64
@@ -183,8 +187,12 @@ class BuiltinTrainer:
 
     def vae_step(self, step: int) -> float:
         loss = self.vae_loss(step)
+        for group in self.vae_optimizer.param_groups:
+            group["lr"] = self.config.vae_learning_rate * _lr_factor(
+                step, self.config.vae_warmup_steps, self.config.vae_steps)
         self.vae_optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.vae.parameters(), 1.0)
         self.vae_optimizer.step()
         return loss.item()
 
