@@ -122,6 +122,8 @@ def unet_config(shapes: dict[str, tuple[int, ...]], family: str, pooled_dim: int
         "attention_head_dim": heads,
         "use_linear_projection": linear,
         "transformer_layers_per_block": depths if len(set(depths)) > 1 else depths[0],
+        # SD 2.1 overflows in fp16 attention without it (diffusers' SD 2.1 config sets it); a no-op in fp32
+        "upcast_attention": family == "sd2",
     }
 
 
