@@ -101,50 +101,52 @@ def read_lora(path: str | Path, unet: torch.nn.Module, text_encoder: torch.nn.Mo
                          "diffusers/PEFT keys (*.lora_A.weight)")
 
 
-def _read_kohya(tensors, unet_index, text_indices, path) -> list[LoraLayer]:
+def _read_layers(tensors: dict[str, torch.Tensor], down_suffix: str, up_suffix: str, default_alpha: float | None,
+                 locate, path: Path) -> list[LoraLayer]:
+    """The layers of either layout: for each `<base><down_suffix>` its up matrix and alpha (a `<base>.alpha`
+    tensor, else default_alpha, else the rank); locate(base) -> (component, module name or None)."""
     layers, unknown = [], []
-    for key in sorted(k for k in tensors if k.endswith(".lora_down.weight")):
-        base = key[: -len(".lora_down.weight")]
-        down, up = tensors[key], tensors[f"{base}.lora_up.weight"]
+    for key in sorted(k for k in tensors if k.endswith(down_suffix)):
+        base = key[: -len(down_suffix)]
+        down, up = tensors[key], tensors[f"{base}{up_suffix}"]
         rank = down.shape[0]
-        alpha = float(tensors[f"{base}.alpha"]) if f"{base}.alpha" in tensors else float(rank)
-        component, module = "", None
-        if base.startswith("lora_unet_"):
-            component, module = "unet", unet_index.get(base[len("lora_unet_"):])
-        for prefix, encoder in (("lora_te_", "text_encoder"), ("lora_te1_", "text_encoder"),
-                                ("lora_te2_", "text_encoder_2")):  # te1/te2: SDXL's two encoders
-            if base.startswith(prefix) and encoder in text_indices:
-                component, module = encoder, _text_module_name(base[len(prefix):], text_indices[encoder])
+        alpha = float(tensors[f"{base}.alpha"]) if f"{base}.alpha" in tensors else float(default_alpha or rank)
+        component, module = locate(base)
         if module is None:
             unknown.append(base)
             continue
         layers.append(LoraLayer(component, module, down, up, alpha / rank))
     _refuse_unknown(unknown, path)
     return layers
+
+
+def _read_kohya(tensors, unet_index, text_indices, path) -> list[LoraLayer]:
+    def locate(base: str) -> tuple[str, str | None]:
+        if base.startswith("lora_unet_"):
+            return "unet", unet_index.get(base[len("lora_unet_"):])
+        for prefix, encoder in (("lora_te_", "text_encoder"), ("lora_te1_", "text_encoder"),
+                                ("lora_te2_", "text_encoder_2")):  # te1/te2: SDXL's two encoders
+            if base.startswith(prefix) and encoder in text_indices:
+                return encoder, _text_module_name(base[len(prefix):], text_indices[encoder])
+        return "", None
+
+    return _read_layers(tensors, ".lora_down.weight", ".lora_up.weight", None, locate, path)
 
 
 def _read_peft(tensors, unet_index, text_indices, path) -> list[LoraLayer]:
     config_file = path.with_name("adapter_config.json")
     config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-    layers, unknown = [], []
-    for key in sorted(k for k in tensors if k.endswith(".lora_A.weight")):
-        base = key[: -len(".lora_A.weight")]
-        down, up = tensors[key], tensors[f"{base}.lora_B.weight"]
-        rank = down.shape[0]
-        alpha = float(tensors[f"{base}.alpha"]) if f"{base}.alpha" in tensors else float(config.get("lora_alpha", rank))
+
+    def locate(base: str) -> tuple[str, str | None]:
         name = re.sub(r"^base_model\.model\.", "unet.", base)
-        component, module = "", None
         if name.startswith("unet."):
-            component, module = "unet", unet_index.get(_normalise(name[len("unet."):]))
+            return "unet", unet_index.get(_normalise(name[len("unet."):]))
         for encoder, index in text_indices.items():
             if name.startswith(encoder + "."):
-                component, module = encoder, _text_module_name(_normalise(name[len(encoder) + 1:]), index)
-        if module is None:
-            unknown.append(base)
-            continue
-        layers.append(LoraLayer(component, module, down, up, alpha / rank))
-    _refuse_unknown(unknown, path)
-    return layers
+                return encoder, _text_module_name(_normalise(name[len(encoder) + 1:]), index)
+        return "", None
+
+    return _read_layers(tensors, ".lora_A.weight", ".lora_B.weight", config.get("lora_alpha"), locate, path)
 
 
 def _refuse_unknown(unknown: list[str], path: Path) -> None:
