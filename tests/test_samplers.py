@@ -74,3 +74,34 @@ def test_seeds_reach_the_brownian_tree_of_dpmpp_sde() -> None:
 def test_every_listed_name_resolves_and_builds() -> None:
     for name in sampler_names():
         assert create_scheduler(name, SD15_SCHEDULER_CONFIG) is not create_scheduler(name, SD15_SCHEDULER_CONFIG)
+
+
+ZERO_SNR_V = {**SD15_SCHEDULER_CONFIG, "prediction_type": "v_prediction", "rescale_betas_zero_snr": True,
+              "timestep_spacing": "trailing", "steps_offset": 0}
+
+
+@pytest.mark.parametrize("name", [spec.name for spec in SAMPLERS if spec.name != "LCM"])
+def test_every_sampler_runs_a_zero_terminal_snr_model_on_its_own_schedule(name) -> None:
+    """Classes that cannot rescale their betas get the rescaled ones as trained_betas: the same alpha_bar as
+    diffusers' own zero-SNR schedulers, sampling from t=999, and finite numbers all the way down."""
+    import torch
+    from diffusers import DDPMScheduler
+
+    reference = DDPMScheduler(**{k: SD15_SCHEDULER_CONFIG[k] for k in ("beta_start", "beta_end", "beta_schedule")},
+                              rescale_betas_zero_snr=True).alphas_cumprod
+    scheduler = create_scheduler(name, ZERO_SNR_V, seeds=[0])
+    assert torch.allclose(scheduler.alphas_cumprod[:-1], reference[:-1], atol=1e-6)
+    assert float(scheduler.alphas_cumprod[-1]) <= 2**-24  # x_T is pure noise (up to the first finite sigma)
+    scheduler.set_timesteps(8)
+    assert int(scheduler.timesteps[0]) == 999
+    sample = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        model_input = scheduler.scale_model_input(sample, t)
+        velocity = -0.5 * model_input  # any smooth model output will do: the numbers must stay finite
+        sample = scheduler.step(velocity, t, sample).prev_sample
+    assert torch.isfinite(sample).all()
+    assert float(sample.abs().max()) < 100
+
+
+def test_a_plain_schedule_gets_no_trained_betas() -> None:
+    assert create_scheduler("Heun", SD15_SCHEDULER_CONFIG).config.trained_betas is None

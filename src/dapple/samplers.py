@@ -151,4 +151,22 @@ def create_scheduler(
     # Keep only what this class takes: a PNDM config's skip_prk_steps means nothing to LCM (and would be logged).
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     config = {k: v for k, v in dict(base_config).items() if not k.startswith("_") and (takes_any or k in params)}
+    if base_config.get("rescale_betas_zero_snr") and "rescale_betas_zero_snr" not in params:
+        config["trained_betas"] = zero_terminal_snr_betas(base_config)
     return spec.scheduler_class.from_config(config, **overrides)
+
+
+def zero_terminal_snr_betas(config: Mapping[str, Any]) -> list[float]:
+    """The betas of a zero-terminal-SNR schedule (Lin et al., 2024, Algorithm 1), for scheduler classes that cannot
+    rescale their own (Heun, LMS, PNDM, DPM2, DEIS...): passed as trained_betas, they give those samplers the
+    schedule the model was trained on. The last alpha_bar is 2**-24 instead of 0, as diffusers' Euler keeps it,
+    so that the first sigma is finite."""
+    import torch
+    from diffusers import DDPMScheduler
+
+    keys = ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps")
+    schedule = DDPMScheduler(**{k: config[k] for k in keys if k in config}, rescale_betas_zero_snr=True)
+    alphas_cumprod = schedule.alphas_cumprod.double().clone()
+    alphas_cumprod[-1] = 2**-24
+    previous = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+    return (1 - alphas_cumprod / previous).tolist()
