@@ -117,3 +117,32 @@ def test_inspect_bad_input_is_one_line(args, message, tiny_model_dir, tmp_path) 
     model = [] if args[0] == "schedule" else ["--model", str(tiny_model_dir)]
     result = CliRunner().invoke(app, ["inspect", *args, *model, "--out", str(tmp_path / "out")])
     assert result.exit_code == 2 and message in result.stderr and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_unet_call_reads_noise_and_x0_back_from_either_prediction_type(tiny_model_dir, tmp_path,
+                                                                       prediction_type) -> None:
+    """An oracle UNet that returns the exact target (the noise, or v = sqrt(abar) eps - sqrt(1 - abar) x0) must
+    give a predicted-noise error of zero: the figure converts v back to noise and x0 correctly, even at t=999 of
+    a zero-terminal-SNR schedule."""
+    import dapple
+    from dapple.samplers import create_scheduler
+
+    oracle_pipe = dapple.load(tiny_model_dir, device="cpu")
+    config = oracle_pipe.components.scheduler_config
+    config.update(prediction_type=prediction_type, rescale_betas_zero_snr=prediction_type == "v_prediction")
+    schedule = create_scheduler("DDPM", config)
+    image = smooth_image(2)
+    from dapple.inspect.vae import _encode
+
+    latents = _encode(oracle_pipe, image)  # what unet_call noises
+
+    def oracle(sample, timestep, encoder_hidden_states):
+        noise = torch.randn(sample.shape, generator=torch.Generator().manual_seed(0))
+        target = noise if prediction_type == "epsilon" else schedule.get_velocity(latents, noise, timestep)
+        return type("Output", (), {"sample": target})()
+
+    oracle_pipe.components.unet.forward = oracle
+    for t in (300, 999 if prediction_type == "v_prediction" else 900):
+        result = unet_call(oracle_pipe, image, "a red circle", t, tmp_path)
+        assert result.numbers["noise_mse"] == pytest.approx(0.0, abs=1e-4), t

@@ -100,7 +100,9 @@ def forward_noise(pipe, image: Image.Image, out: Path, timesteps: Sequence[int] 
 
 def unet_call(pipe, image: Image.Image, prompt: str, t: int, out: Path, seed: int = 0) -> Inspection:
     """Noise an image's latents to timestep t, call the UNet once (conditioned on the prompt), and show the noisy
-    latents, the predicted noise, the predicted x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar) and the true x0."""
+    latents, the predicted noise, the predicted x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar) and the true x0.
+    A v-prediction UNet (Salimans & Ho, 2022) predicts v = sqrt(abar) eps - sqrt(1 - abar) x0; its noise and x0
+    are read back from v (x0 = sqrt(abar) x_t - sqrt(1 - abar) v), which also holds at abar = 0."""
     image = _fit(pipe, image)
     latents = _encode(pipe, image)
     schedule = create_scheduler("DDPM", pipe.components.scheduler_config)
@@ -116,7 +118,11 @@ def unet_call(pipe, image: Image.Image, prompt: str, t: int, out: Path, seed: in
         predicted = pipe.unet(noisy, timestep.to(pipe.device), encoder_hidden_states=conditioning.unet_batch
                               ).sample
     abar = schedule.alphas_cumprod[t].to(latents.dtype)
-    x0 = (noisy - (1 - abar).sqrt() * predicted) / abar.sqrt()
+    if pipe.components.prediction_type == "v_prediction":
+        x0 = abar.sqrt() * noisy - (1 - abar).sqrt() * predicted
+        predicted = abar.sqrt() * predicted + (1 - abar).sqrt() * noisy  # the noise it implies
+    else:
+        x0 = (noisy - (1 - abar).sqrt() * predicted) / abar.sqrt()
     mse = float(torch.mean((predicted.float() - noise.float()) ** 2))
     cells = [[_decode(pipe, noisy)[0], *_channel_tiles(predicted)[:1], _decode(pipe, x0)[0], image]]
     labels = ["noisy x_t (decoded)", "predicted noise (ch 0)", "predicted x0", "true x0"]
