@@ -11,7 +11,7 @@ from dapple.train.builtin_training import BuiltinTrainer, TrainingConfig
 CONFIG = TrainingConfig(
     architecture=TINY_ARCHITECTURE, vae_steps=40, vae_batch_size=8, vae_learning_rate=3e-3, vae_warmup_steps=5,
     diffusion_steps=40, diffusion_batch_size=16, diffusion_learning_rate=2e-3, warmup_steps=5,
-    scene_pool=128, checkpoint_every=7, log_every=10, multires_noise_from_step=20,
+    scene_pool=128, checkpoint_every=7, log_every=10,
 )
 PROBE = 10**6  # a batch index no run reaches: a fixed held-aside batch to measure the loss on
 
@@ -39,10 +39,25 @@ def test_training_lowers_the_loss_and_exports_a_loadable_model(tmp_path) -> None
     assert {"circle", "left", "background"} <= pipe.components.vocabulary
     assert pipe.generate("a red circle on a blue background", steps=2, seed=1).images[0].size == (64, 64)
     assert (tmp_path / "run" / "train.log").read_text().count('"stage": "diffusion"') >= 4
+    # Samplers get the schedule it was trained on: v-prediction on zero-terminal-SNR betas, from t=999.
+    schedule = pipe.components.scheduler_config
+    assert schedule["prediction_type"] == "v_prediction" and schedule["rescale_betas_zero_snr"] is True
+    assert schedule["timestep_spacing"] == "trailing"
+
+
+def test_a_share_of_timesteps_comes_from_the_top_of_the_schedule(tmp_path) -> None:
+    """Position is decided near t=999; uniform timesteps leave that region almost untrained."""
+    trainer = BuiltinTrainer(tmp_path / "run", CONFIG)
+    timesteps = trainer.sample_timesteps(20000, torch.Generator().manual_seed(0))
+    assert 0 <= int(timesteps.min()) and int(timesteps.max()) <= 999
+    top = CONFIG.high_timestep_from
+    expected = CONFIG.high_timestep_share + (1 - CONFIG.high_timestep_share) * (1000 - top) / 1000
+    assert abs(float((timesteps >= top).float().mean()) - expected) < 0.02
+    assert float((timesteps < 100).float().mean()) > 0.03  # the rest still covers the whole schedule
 
 
 def test_a_stopped_run_resumes_to_the_same_weights(tmp_path) -> None:
-    config = TrainingConfig(**{**CONFIG.__dict__, "vae_steps": 6, "diffusion_steps": 12, "multires_noise_from_step": 2})
+    config = TrainingConfig(**{**CONFIG.__dict__, "vae_steps": 6, "diffusion_steps": 12})
     straight = BuiltinTrainer(tmp_path / "straight", config)
     straight.run(progress=False)
 

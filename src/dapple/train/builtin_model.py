@@ -79,14 +79,20 @@ TINY_ARCHITECTURE = Architecture(  # for tests: same shapes of data (16x16x4 lat
 
 def export_diffusers_folder(
     folder: Path, vae: AutoencoderKL, text_encoder: CLIPTextModel, unet: UNet2DConditionModel,
-    dtype: torch.dtype = torch.float16,
+    dtype: torch.dtype = torch.float16, scheduler_config: dict | None = None,
 ) -> Path:
-    """Write the trained networks as a diffusers folder (safetensors in `dtype`) that dapple.load() reads."""
-    from diffusers import PNDMScheduler, StableDiffusionPipeline
+    """Write the trained networks as a diffusers folder (safetensors in `dtype`) that dapple.load() reads.
 
+    scheduler_config: the noise schedule the UNet was trained on (default: SD 1.x's)."""
+    from diffusers import DDIMScheduler, PNDMScheduler, StableDiffusionPipeline
+
+    if scheduler_config is None:
+        scheduler = PNDMScheduler(**SD15_SCHEDULER_CONFIG)
+    else:  # DDIM takes every key of a schedule, zero terminal SNR included (PNDM does not)
+        scheduler = DDIMScheduler(**{k: v for k, v in scheduler_config.items() if k != "skip_prk_steps"})
     pipeline = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=bundled_clip_tokenizer(), unet=unet,
-        scheduler=PNDMScheduler(**SD15_SCHEDULER_CONFIG), safety_checker=None, feature_extractor=None,
+        scheduler=scheduler, safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     )
     pipeline.to(dtype=dtype)

@@ -2,11 +2,12 @@
 
 Stage 1, VAE (Kingma & Welling, 2014; SD's AutoencoderKL): reconstruction MSE plus a small KL term, decoding the
 posterior mean. Its latents' standard deviation sets the scaling factor, as in Rombach et al. (2022).
-Stage 2, diffusion (Ho et al., 2020, epsilon prediction on SD's scaled_linear schedule): the text encoder and
-UNet learn together; ~10% of captions are emptied so that classifier-free guidance works (Ho & Salimans, 2022);
-the loss is weighted by min-SNR-gamma (Hang et al., 2023); multi-resolution noise (dapple.train.noise) keeps
-the schedule's signal leak from teaching the UNet to place shapes by the noise instead of the caption; EMA
-weights are what gets exported.
+Stage 2, diffusion (Ho et al., 2020) on SD's scaled_linear betas rescaled to zero terminal SNR, with
+v-prediction (Salimans & Ho, 2022; Lin et al., 2024, "Common Diffusion Noise Schedules and Sample Steps are
+Flawed"): the text encoder and UNet learn together; ~10% of captions are emptied so that classifier-free guidance
+works (Ho & Salimans, 2022); the loss is weighted by min-SNR-gamma (Hang et al., 2023) with a floor, and half of
+every batch's timesteps come from the top of the schedule, where a shape's position is decided (see
+TrainingConfig for the measurements behind these choices); EMA weights are what gets exported.
 
 Every batch is a pure function of (seed, stage, step), so a run stopped at any point and resumed from its last
 checkpoint continues with exactly the data it would have seen.
@@ -55,23 +56,33 @@ class TrainingConfig:
     vae_learning_rate: float = 1e-3
     vae_warmup_steps: int = 100
     vae_kl_weight: float = 1e-6
-    diffusion_steps: int = 5000
+    diffusion_steps: int = 3000
     diffusion_batch_size: int = 64
     diffusion_learning_rate: float = 1e-3
     warmup_steps: int = 300
     empty_caption_rate: float = 0.1
     min_snr_gamma: float = 5.0
-    # Position is learned from the caption only if the noise hides it. With white noise the shape's location
-    # leaks through SD's schedule into x_T, the UNet reads it from there, and the text encoder collapses the
-    # position words (measured: a run of 3250 white-noise steps put shapes wherever the starting noise said,
-    # whatever the prompt; its hidden states for "top left" and "bottom right" differed 10x less than for two
-    # colours, and 500 steps of fine-tuning with the two settings below did not revive them). So from step
-    # `multires_noise_from_step` (0: from the start) the noise is multi-resolution (dapple.train.noise) and the
-    # loss weight in x0 terms never drops below x0_weight_floor (min-SNR alone gives SNR ~ 0.005 at t=999,
-    # where the layout is decided).
-    multires_noise_discount: float = 0.8
+    # Position is decided at the top of the noise schedule, and is learned from the caption only if nothing else
+    # tells it there. Measured on a position-only probe (runs of 400-600 steps, fixed colour and shape):
+    # - SD's schedule leaks: x_T keeps sqrt(alpha_bar_T) ~ 0.07 of the latents, and on 16x16 latents that is enough
+    #   for the UNet to find the shape (x0 predicted from t=900 put it exactly where the training image had it).
+    #   Epsilon or v targets, white or multi-resolution noise, an x0-weight floor: the sampled position always
+    #   followed the seed, whatever the caption said (full runs of 4000-5000 steps: position 11%, chance).
+    # - Zero terminal SNR (Lin et al., 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed": SD's
+    #   betas rescaled so that x_T is pure noise) with v-prediction removes the leak, but timesteps drawn uniformly
+    #   give the top of the schedule too few samples: after 600 steps x0 at t=999 was the same centred blob for
+    #   every position word. Trained on t >= 990 alone, the same UNet moved x0's centroid toward each word's
+    #   quadrant within 400 steps.
+    # So: zero-terminal-SNR betas, v-prediction, and a share of every batch drawn from the top of the schedule.
+    prediction_type: str = "v_prediction"
+    zero_terminal_snr: bool = True
+    high_timestep_share: float = 0.5  # of each batch, timesteps drawn from [high_timestep_from, 1000)
+    high_timestep_from: int = 850
+    # The loss weight in x0 terms is min(SNR, gamma) (min-SNR-gamma) but never below x0_weight_floor: min-SNR
+    # alone weights t=999 by SNR = 0, where the layout is decided.
+    x0_weight_floor: float = 1.0
+    multires_noise_discount: float = 0.0  # multi-resolution noise (dapple.train.noise); off: white noise
     multires_noise_from_step: int = 0
-    x0_weight_floor: float = 0.1
     ema_power: float = 0.75  # EMA warm-up: decay reaches 0.999 after ~10k steps
     scene_pool: int = 20000  # training scenes encoded once to latents for stage 2
     checkpoint_every: int = 250
@@ -79,6 +90,22 @@ class TrainingConfig:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def builtin_schedule_config(config: TrainingConfig, training: bool = False) -> dict[str, Any]:
+    """The noise schedule of a run: SD 1.x's scaled_linear betas, rescaled to zero terminal SNR when the config
+    says so, with its prediction type. training=False adds what samplers need: trailing timestep spacing, so that
+    sampling starts at t=999 where x_T is pure noise (Lin et al., 2024, section 3.3)."""
+    keys = ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps")
+    schedule = {key: SD15_SCHEDULER_CONFIG[key] for key in keys}
+    schedule["prediction_type"] = config.prediction_type
+    if config.zero_terminal_snr:
+        schedule["rescale_betas_zero_snr"] = True
+    if not training:
+        schedule = {**SD15_SCHEDULER_CONFIG, **schedule, "clip_sample": False}
+        if config.zero_terminal_snr:
+            schedule["timestep_spacing"] = "trailing"  # (steps_offset only shifts "leading" spacing)
+    return schedule
 
 
 def images_to_tensor(images: list) -> torch.Tensor:
@@ -116,10 +143,7 @@ class BuiltinTrainer:
         self.text_encoder = arch.build_text_encoder().to(self.device)
         self.unet = arch.build_unet().to(self.device)
         self.tokenizer = bundled_clip_tokenizer()
-        self.noise_schedule = DDPMScheduler(
-            **{k: v for k, v in SD15_SCHEDULER_CONFIG.items() if k in ("beta_start", "beta_end", "beta_schedule",
-                                                                      "num_train_timesteps", "prediction_type")}
-        )
+        self.noise_schedule = DDPMScheduler(**builtin_schedule_config(self.config, training=True))
         self.stage, self.step = "vae", 0
         self._budget: int | None = None  # steps this run() call may still take (None: no limit)
         self.vae_optimizer = torch.optim.AdamW(self.vae.parameters(), lr=self.config.vae_learning_rate)
@@ -239,20 +263,31 @@ class BuiltinTrainer:
         generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + step)
         discount = self.config.multires_noise_discount if step >= self.config.multires_noise_from_step else 0.0
         noise = multires_noise(tuple(latents.shape), generator, discount).to(self.device)
-        timesteps = torch.randint(0, self.noise_schedule.config.num_train_timesteps, (latents.shape[0],),
-                                  generator=generator).to(self.device)
+        timesteps = self.sample_timesteps(latents.shape[0], generator).to(self.device)
         noisy = self.noise_schedule.add_noise(latents, noise, timesteps)
         ids = self.tokenizer(captions, padding="max_length", max_length=77, truncation=True,
                              return_tensors="pt").input_ids.to(self.device)
         text = self.text_encoder(ids)[0]
         prediction = self.unet(noisy, timesteps, encoder_hidden_states=text).sample
-        per_sample = F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3))
+        if self.config.prediction_type == "v_prediction":
+            target = self.noise_schedule.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        per_sample = F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3))
         snr = compute_snr(self.noise_schedule, timesteps)
-        x0_weight = torch.clamp(snr, max=self.config.min_snr_gamma)  # min-SNR-gamma (in x0 terms)
-        if step >= self.config.multires_noise_from_step:
-            x0_weight = torch.clamp(x0_weight, min=self.config.x0_weight_floor)
-        weights = x0_weight / snr  # the same weight for epsilon targets: eps error^2 = SNR * x0 error^2
+        x0_weight = torch.clamp(torch.clamp(snr, max=self.config.min_snr_gamma), min=self.config.x0_weight_floor)
+        # The same weight for the network's target: eps error^2 = SNR * x0 error^2, v error^2 = x0 error^2 /
+        # (1 - alpha_bar) = (SNR + 1) * x0 error^2 (Hang et al., 2023, section 3.4).
+        weights = x0_weight / (snr + 1 if self.config.prediction_type == "v_prediction" else snr)
         return (weights * per_sample).mean()
+
+    def sample_timesteps(self, count: int, generator: torch.Generator) -> torch.Tensor:
+        """Uniform timesteps, a high_timestep_share of them from the top of the schedule instead."""
+        total = self.noise_schedule.config.num_train_timesteps
+        uniform = torch.randint(0, total, (count,), generator=generator)
+        high = torch.randint(self.config.high_timestep_from, total, (count,), generator=generator)
+        pick_high = torch.rand(count, generator=generator) < self.config.high_timestep_share
+        return torch.where(pick_high, high, uniform)
 
     def diffusion_step(self, step: int, specs: list, pool: torch.Tensor) -> float:
         loss = self.diffusion_loss(step, specs, pool)
@@ -334,4 +369,5 @@ class BuiltinTrainer:
         self.ema_unet.copy_to(unet.parameters())
         self.ema_text.copy_to(text_encoder.parameters())
         vae = copy.deepcopy(self.vae)
-        return export_diffusers_folder(folder, vae.cpu().eval(), text_encoder.cpu().eval(), unet.cpu().eval(), dtype)
+        return export_diffusers_folder(folder, vae.cpu().eval(), text_encoder.cpu().eval(), unet.cpu().eval(), dtype,
+                                       scheduler_config=builtin_schedule_config(self.config))

@@ -4,13 +4,11 @@ Multi-resolution ("pyramid") noise (Whitaker, 2023, "Multi-Resolution Noise for 
 `multires_noise` option of kohya's sd-scripts): white noise plus upsampled coarser noise fields, renormalised to
 unit variance per image.
 
-Why the built-in model needs it: SD's scaled_linear schedule never reaches zero signal, so x_T still holds
-sqrt(alpha_bar_T) ~ 0.07 of the latents (Lin et al., 2024, "Common Diffusion Noise Schedules and Sample Steps are
-Flawed"). On 16x16 latents a whole shape spans dozens of latent pixels, enough for the UNet to find where the
-shape is from the noisy input alone, so it never learns position from the caption: at inference it puts the shape
-wherever the starting noise happens to look like one, whatever the prompt says. Coarse noise fields drown that
-low-frequency leak, so the caption becomes the only reliable source of where the shape goes. Sampling is
-unchanged (plain Gaussian noise), as with kohya's option.
+An option of the built-in recipe, off by default. It was tried against SD's signal leak (x_T keeps
+sqrt(alpha_bar_T) ~ 0.07 of the latents, enough on 16x16 latents for the UNet to find a shape in the noise and
+ignore the caption's position words): coarse noise fields were meant to drown that low-frequency leak. A
+4000-step run with it still placed shapes by the seed; zero-terminal-SNR betas (Lin et al., 2024) remove the
+leak instead, and are what the recipe uses (dapple.train.builtin_training).
 """
 
 from __future__ import annotations
