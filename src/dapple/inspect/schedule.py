@@ -35,7 +35,9 @@ def noise_schedule(scheduler_config: Mapping[str, Any], out: Path, samplers: Seq
         middle.plot(range(len(timesteps)), timesteps, marker="o", markersize=3, label=name)
         sigmas = getattr(scheduler, "sigmas", None)
         if sigmas is None:  # DDIM-like samplers: the noise level of each timestep from the training schedule
-            sigmas_shown = np.sqrt((1 - alphas[timesteps.astype(int)]) / alphas[timesteps.astype(int)])
+            # A zero-terminal-SNR schedule ends at alpha_bar 0 (sigma infinite); show it as Euler does, at 2**-24.
+            visited = np.maximum(alphas[timesteps.astype(int)], 2.0**-24)
+            sigmas_shown = np.sqrt((1 - visited) / visited)
         else:
             sigmas_shown = sigmas.float().numpy()
         right.plot(range(len(sigmas_shown)), sigmas_shown, marker="o", markersize=3, label=name)
