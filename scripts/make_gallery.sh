@@ -16,7 +16,9 @@ cp "$picture" "$out/input.png"
 dapple inspect tokens "a red circle at the left on a blue background" "${model[@]}" > "$out/tokens.txt"
 dapple inspect embeddings "a red circle on a blue background" --vs "a red square on a blue background" \
   "${model[@]}" --out "$out"
-dapple inspect schedule --sampler "Euler a,DDIM,DPM++ 2M Karras" --steps 20 "${model[@]}" --out "$out"
+# `inspect schedule` plots SD's schedule unless given a model; the gallery shows the built-in model's own.
+schedule_model=("${model[@]}"); [[ ${#model[@]} -eq 0 ]] && schedule_model=(--model src/dapple/models/assets/builtin)
+dapple inspect schedule --sampler "Euler a,DDIM,DPM++ 2M Karras" --steps 20 "${schedule_model[@]}" --out "$out"
 dapple inspect vae "$picture" "${model[@]}" --out "$out" 2> "$out/vae.txt"
 dapple inspect noise "$picture" "${model[@]}" --out "$out"
 dapple inspect denoise "a red circle at the top left on a white background" --steps 20 --guidance 6 --seed 1 \
