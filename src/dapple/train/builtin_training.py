@@ -258,7 +258,8 @@ class BuiltinTrainer:
         return latents[picks], captions
 
     def diffusion_loss(self, step: int, specs: list, pool: torch.Tensor) -> torch.Tensor:
-        """The min-SNR-weighted epsilon loss on the batch of `step` (fixed noise and timesteps per step)."""
+        """The min-SNR-weighted loss (epsilon or v target, as the config says) on the batch of `step` (fixed noise
+        and timesteps per step)."""
         latents, captions = self.diffusion_batch(step, specs, pool)
         generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + step)
         discount = self.config.multires_noise_discount if step >= self.config.multires_noise_from_step else 0.0
