@@ -27,12 +27,12 @@ def test_training_lowers_the_loss_and_exports_a_loadable_model(tmp_path) -> None
 
     trainer = BuiltinTrainer(tmp_path / "run", CONFIG)  # resumes at the start of stage 2
     assert trainer.stage == "diffusion" and trainer.step == 0
-    specs, pool = trainer.scene_pool()
+    specs, pool, weights = trainer.scene_pool()
     with torch.no_grad():
-        before = sum(trainer.diffusion_loss(PROBE + i, specs, pool).item() for i in range(4))
+        before = sum(trainer.diffusion_loss(PROBE + i, specs, pool, weights).item() for i in range(4))
     model_dir = trainer.run(progress=False)
     with torch.no_grad():
-        after = sum(trainer.diffusion_loss(PROBE + i, specs, pool).item() for i in range(4))
+        after = sum(trainer.diffusion_loss(PROBE + i, specs, pool, weights).item() for i in range(4))
     assert after < before
 
     pipe = dapple.load(model_dir, device="cpu")
@@ -48,12 +48,66 @@ def test_training_lowers_the_loss_and_exports_a_loadable_model(tmp_path) -> None
 def test_a_share_of_timesteps_comes_from_the_top_of_the_schedule(tmp_path) -> None:
     """Position is decided near t=999; uniform timesteps leave that region almost untrained."""
     trainer = BuiltinTrainer(tmp_path / "run", CONFIG)
-    timesteps = trainer.sample_timesteps(20000, torch.Generator().manual_seed(0))
+    share = trainer.high_timestep_share(0)
+    timesteps = trainer.sample_timesteps(20000, torch.Generator().manual_seed(0), share)
     assert 0 <= int(timesteps.min()) and int(timesteps.max()) <= 999
     top = CONFIG.high_timestep_from
-    expected = CONFIG.high_timestep_share + (1 - CONFIG.high_timestep_share) * (1000 - top) / 1000
+    expected = share + (1 - share) * (1000 - top) / 1000
     assert abs(float((timesteps >= top).float().mean()) - expected) < 0.02
     assert float((timesteps < 100).float().mean()) > 0.03  # the rest still covers the whole schedule
+
+
+def test_the_top_share_falls_from_start_to_end_over_the_run(tmp_path) -> None:
+    trainer = BuiltinTrainer(tmp_path / "run", CONFIG)
+    last = CONFIG.diffusion_steps - 1
+    assert trainer.high_timestep_share(0) == CONFIG.high_timestep_share
+    assert abs(trainer.high_timestep_share(last) - CONFIG.high_timestep_share_end) < 1e-9
+    middle = trainer.high_timestep_share(last // 2)
+    assert CONFIG.high_timestep_share_end < middle < CONFIG.high_timestep_share
+
+
+def test_the_loss_weighs_the_cells_a_shape_touches_more(tmp_path) -> None:
+    from dapple.train.data.shapes import ShapesWorld
+
+    trainer = BuiltinTrainer(tmp_path / "run", CONFIG)
+    scene = ShapesWorld(seed=0).scene(0)
+    weights = trainer.object_weights([scene.mask], 16)[0, 0]
+    mask_rows, mask_cols = scene.mask.nonzero()
+    assert weights[int(mask_rows.mean()) // 4, int(mask_cols.mean()) // 4] == 1 + CONFIG.object_loss_weight
+    grown = weights > 1  # the shape's cells and a ring of one cell around them
+    rows, cols = torch.nonzero(grown, as_tuple=True)
+    assert int(rows.min()) == max(mask_rows.min() // 4 - 1, 0)
+    assert int(cols.max()) == min(mask_cols.max() // 4 + 1, 15)
+    assert float(weights[~grown].max()) == 1.0 and int(grown.sum()) < 16 * 16 // 2
+
+
+def test_stage_two_can_start_from_an_exported_vae(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from dapple.interfaces.cli import app
+
+    config = TrainingConfig(**{**CONFIG.__dict__, "vae_steps": 3, "diffusion_steps": 2})
+    donor = BuiltinTrainer(tmp_path / "donor", config)
+    donor.run(progress=False)
+    reuse = TrainingConfig(**{**config.__dict__, "vae_from": str(tmp_path / "donor" / "model")})
+    trainer = BuiltinTrainer(tmp_path / "run", reuse)
+    assert (trainer.stage, trainer.step) == ("diffusion", 0)  # stage 1 is skipped
+    assert trainer.vae.config.scaling_factor == donor.vae.config.scaling_factor
+    for name, tensor in donor.vae.state_dict().items():  # the export is fp16: equal to fp16 precision
+        assert torch.allclose(tensor, trainer.vae.state_dict()[name], rtol=1e-3, atol=1e-3), name
+    assert trainer.run(progress=False).is_dir()
+    exported = CliRunner().invoke(app, ["train", "export", "--run", str(tmp_path / "run"), "--out",
+                                        str(tmp_path / "model")])
+    assert exported.exit_code == 0, exported.output
+    assert f"--vae-from {tmp_path / 'donor' / 'model'}" in (tmp_path / "model" / "README.md").read_text()
+
+    nothing = TrainingConfig(**{**config.__dict__, "vae_from": str(tmp_path)})
+    try:
+        BuiltinTrainer(tmp_path / "other", nothing)
+    except ValueError as error:
+        assert "holds no VAE" in str(error)
+    else:
+        raise AssertionError("a folder without a VAE was accepted")
 
 
 def test_a_stopped_run_resumes_to_the_same_weights(tmp_path) -> None:

@@ -623,6 +623,7 @@ def train_builtin(
     seed: int = typer.Option(0, help="seed of weights, data and noise"),
     vae_steps: Optional[int] = typer.Option(None, help="stage 1 steps [default: the recipe's]"),
     diffusion_steps: Optional[int] = typer.Option(None, help="stage 2 steps [default: the recipe's]"),
+    vae_from: Optional[Path] = typer.Option(None, help="a model folder whose VAE to reuse (skips stage 1)"),
     device: str = typer.Option("cpu", help="cpu or cuda"),
     stop_after: Optional[int] = typer.Option(None, help="train at most this many steps now, then checkpoint"),
 ) -> None:
@@ -631,7 +632,8 @@ def train_builtin(
     from dapple.train.builtin_training import BuiltinTrainer, TrainingConfig
 
     with user_errors():
-        overrides = {"vae_steps": vae_steps, "diffusion_steps": diffusion_steps}
+        overrides = {"vae_steps": vae_steps, "diffusion_steps": diffusion_steps,
+                     "vae_from": str(vae_from) if vae_from is not None else None}
         config = TrainingConfig(seed=seed, **{key: value for key, value in overrides.items() if value is not None})
         try:
             trainer = BuiltinTrainer(out, config, device=device)
@@ -646,8 +648,10 @@ def train_builtin(
 def train_export(
     run: Path = typer.Option(Path("runs/builtin"), help="a run folder of `dapple train builtin`"),
     out: Path = typer.Option(..., help="model folder to write"),
-    evaluate: int = typer.Option(0, "--eval", help="also evaluate on this many held-out captions (20 steps, "
-                                 "CFG 6) and put the table in the model card"),
+    evaluate: int = typer.Option(0, "--eval", help="also evaluate on this many held-out captions (20 "
+                                 "steps) and put the table in the model card"),
+    sampler: str = typer.Option("DPM++ 2M Karras", help="the sampler of that evaluation"),
+    guidance: float = typer.Option(6.0, "--guidance", "--cfg", help="the guidance scale of that evaluation"),
 ) -> None:
     """Export a run's current EMA weights as a model folder with a model card, finished or not."""
     _quiet_libraries()
@@ -668,16 +672,24 @@ def train_export(
             import dapple
             from dapple.train.evaluate import evaluate_pipeline
 
-            table = evaluate_pipeline(dapple.load(out), evaluate, steps=20, guidance_scale=6.0, seed=0)
-            settings = (f"`dapple eval builtin --model DIR --n {evaluate}`: {evaluate} held-out captions naming every "
-                        "attribute, 20 steps of DPM++ 2M Karras, CFG 6, seeds 0..; graded by image analysis.")
+            table = evaluate_pipeline(dapple.load(out), evaluate, steps=20, guidance_scale=guidance, sampler=sampler,
+                                      seed=0)
+            settings = (f"`dapple eval builtin --model DIR --n {evaluate} --sampler \"{sampler}\" --cfg {guidance:g}`: "
+                        f"{evaluate} held-out captions naming every attribute, 20 steps of {sampler}, CFG {guidance:g}, "
+                        "seeds 0..; graded by image analysis.")
             typer.echo(table.format(), err=True)
         config = trainer.config
         train = f"dapple train builtin --out {run} --seed {config.seed} --vae-steps {config.vae_steps} " \
                 f"--diffusion-steps {config.diffusion_steps}"
+        if config.vae_from is not None:
+            train += f" --vae-from {config.vae_from}"
         if trainer.stage != "done":  # the same batches, so stopping at the same step gives the same weights
-            train += f" --stop-after {trainer.step + (config.vae_steps if trainer.stage == 'diffusion' else 0)}"
-        commands = [train, f"dapple train export --run {run} --out {out}" + (f" --eval {evaluate}" if evaluate else "")]
+            vae_steps_done = config.vae_steps if trainer.stage == "diffusion" and config.vae_from is None else 0
+            train += f" --stop-after {trainer.step + vae_steps_done}"
+        export = f"dapple train export --run {run} --out {out}"
+        if evaluate:
+            export += f" --eval {evaluate} --sampler \"{sampler}\" --cfg {guidance:g}"
+        commands = [train, export]
         write_model_card(out, config, run_dir=run, stage=trainer.stage, step=trainer.step, table=table,
                          evaluation=settings, commands=commands)
     typer.echo(str(out))

@@ -34,7 +34,10 @@ class Architecture:
     unet_channels: tuple[int, ...] = (32, 64, 128)
     unet_layers_per_block: int = 1
     unet_norm_groups: int = 16
-    attention_head_dim: int = 8
+    # Attention heads per UNet block (diffusers calls this `attention_head_dim`, but UNet2DConditionModel reads it
+    # as the number of heads). 8 heads left 4 channels per head at 16x16, and CPU attention on such slivers was
+    # half of a training step: 2 heads (16/32/64 channels each) train a step in 0.64 s against 0.98 s.
+    attention_heads: int = 2
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -66,14 +69,14 @@ class Architecture:
             layers_per_block=self.unet_layers_per_block,
             down_block_types=("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",),
             up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1),
-            cross_attention_dim=self.text_hidden, attention_head_dim=self.attention_head_dim,
+            cross_attention_dim=self.text_hidden, attention_head_dim=self.attention_heads,
             norm_num_groups=self.unet_norm_groups,
         )
 
 
 TINY_ARCHITECTURE = Architecture(  # for tests: same shapes of data (16x16x4 latents), a few thousand weights
     vae_channels=(8, 16, 16), vae_norm_groups=4, text_hidden=16, text_layers=1, text_heads=2,
-    unet_channels=(16, 32), unet_norm_groups=8, attention_head_dim=4,
+    unet_channels=(16, 32), unet_norm_groups=8, attention_heads=4,
 )
 
 
