@@ -19,7 +19,10 @@ from dapple.interfaces.cli import app
 from dapple.train.data.captions import parse_caption
 from dapple.train.scorer import score_image
 
-STEPS, CFG = 20, 6.0
+# The settings its model card recommends. Karras spacing on this zero-terminal-SNR schedule spends 11 of 20 steps
+# above t=970, where the picture barely changes: on 100 held-out captions DPM++ 2M Karras at CFG 6 got shape 72%
+# against DPM++ 2M's 80% (CFG 6) and 83% (CFG 5).
+STEPS, CFG, SAMPLER = 20, 5.0, "DPM++ 2M"
 
 # One prompt per position, colours, shapes and backgrounds varied, some held-out combinations among them.
 # "a orange", not "an orange": the training captions never say "an", so the model does not know the word.
@@ -43,7 +46,7 @@ def builtin_pipe():
 
 
 def _generate(pipe, prompt: str, seed: int) -> Image.Image:
-    return pipe.generate(prompt, steps=STEPS, guidance_scale=CFG, seed=seed).images[0]
+    return pipe.generate(prompt, steps=STEPS, guidance_scale=CFG, sampler=SAMPLER, seed=seed).images[0]
 
 
 def test_builtin_model_is_a_small_fp16_diffusers_folder() -> None:
@@ -88,7 +91,8 @@ def test_inpainting_repaints_the_masked_half_towards_the_new_prompt(builtin_pipe
     mask = Image.new("L", (64, 64), 0)
     mask.paste(255, (32, 0, 64, 64))
     result = builtin_pipe.inpaint(original, mask, "a large yellow square at the right on a blue background",
-                                  strength=1.0, steps=STEPS, guidance_scale=CFG, seed=12, mask_blur=2).images[0]
+                                  strength=1.0, steps=STEPS, guidance_scale=CFG, sampler=SAMPLER,
+                                  seed=12, mask_blur=2).images[0]
     before, after = np.asarray(original).astype(int), np.asarray(result).astype(int)
 
     def yellow_pixels(pixels: np.ndarray) -> int:
