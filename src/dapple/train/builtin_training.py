@@ -5,9 +5,10 @@ posterior mean. Its latents' standard deviation sets the scaling factor, as in R
 Stage 2, diffusion (Ho et al., 2020) on SD's scaled_linear betas rescaled to zero terminal SNR, with
 v-prediction (Salimans & Ho, 2022; Lin et al., 2024, "Common Diffusion Noise Schedules and Sample Steps are
 Flawed"): the text encoder and UNet learn together; ~10% of captions are emptied so that classifier-free guidance
-works (Ho & Salimans, 2022); the loss is weighted by min-SNR-gamma (Hang et al., 2023) with a floor, and half of
-every batch's timesteps come from the top of the schedule, where a shape's position is decided (see
-TrainingConfig for the measurements behind these choices); EMA weights are what gets exported.
+works (Ho & Salimans, 2022); the loss is weighted by min-SNR-gamma (Hang et al., 2023) with a floor, and more in
+the latent cells the shape covers; a share of every batch's timesteps (half at first, falling over the run) comes
+from the top of the schedule, where a shape's position is decided (see TrainingConfig for the measurements behind
+these choices); EMA weights are what gets exported.
 
 Every batch is a pure function of (seed, stage, step), so a run stopped at any point and resumed from its last
 checkpoint continues with exactly the data it would have seen.
@@ -210,7 +211,8 @@ class BuiltinTrainer:
         try:
             self.vae.load_state_dict(vae.state_dict())
         except RuntimeError as error:
-            raise ValueError(f"vae_from: the VAE in {folder} has another architecture than this run's: {error}") from None
+            raise ValueError(
+                f"vae_from: the VAE in {folder} has another architecture than this run's: {error}") from None
         self.vae.register_to_config(scaling_factor=float(vae.config.scaling_factor))
         self.stage, self.step = "diffusion", 0
 
@@ -340,7 +342,9 @@ class BuiltinTrainer:
         pick_high = torch.rand(count, generator=generator) < high_share
         return torch.where(pick_high, high, uniform)
 
-    def diffusion_step(self, step: int, specs: list, pool: torch.Tensor, pool_weights: torch.Tensor | None = None) -> float:
+    def diffusion_step(
+        self, step: int, specs: list, pool: torch.Tensor, pool_weights: torch.Tensor | None = None,
+    ) -> float:
         loss = self.diffusion_loss(step, specs, pool, pool_weights)
         for group in self.optimizer.param_groups:
             group["lr"] = self.config.diffusion_learning_rate * _lr_factor(

@@ -76,7 +76,8 @@ def write_model_card(
         "",
         "## Training time and hardware",
         "",
-        *([f"- vae: not trained in this run; reused from `{config.vae_from}` (`--vae-from`)"] if config.vae_from else []),
+        *([f"- vae: not trained in this run; reused from `{config.vae_from}` (`--vae-from`)"]
+          if config.vae_from else []),
         *[f"- {name}: {value:.0f} minutes" for name, value in minutes.items()],
         f"- machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, no GPU",
         "",
