@@ -156,6 +156,10 @@ def create_scheduler(
     return spec.scheduler_class.from_config(config, **overrides)
 
 
+# The last alpha_bar of a zero-terminal-SNR schedule as samplers use it: 0 would make its sigma infinite.
+ZERO_SNR_LAST_ALPHA_BAR = 2**-24
+
+
 def zero_terminal_snr_betas(config: Mapping[str, Any]) -> list[float]:
     """The betas of a zero-terminal-SNR schedule (Lin et al., 2024, Algorithm 1), for scheduler classes that cannot
     rescale their own (Heun, LMS, PNDM, DPM2, DEIS...): passed as trained_betas, they give those samplers the
@@ -167,6 +171,6 @@ def zero_terminal_snr_betas(config: Mapping[str, Any]) -> list[float]:
     keys = ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps")
     schedule = DDPMScheduler(**{k: config[k] for k in keys if k in config}, rescale_betas_zero_snr=True)
     alphas_cumprod = schedule.alphas_cumprod.double().clone()
-    alphas_cumprod[-1] = 2**-24
+    alphas_cumprod[-1] = ZERO_SNR_LAST_ALPHA_BAR
     previous = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
     return (1 - alphas_cumprod / previous).tolist()

@@ -11,7 +11,7 @@ import numpy as np
 
 from dapple.inspect.figures import new_figure, save_figure
 from dapple.inspect.result import Inspection
-from dapple.samplers import create_scheduler
+from dapple.samplers import ZERO_SNR_LAST_ALPHA_BAR, create_scheduler
 
 
 def noise_schedule(scheduler_config: Mapping[str, Any], out: Path, samplers: Sequence[str] = ("DPM++ 2M Karras",),
@@ -35,8 +35,8 @@ def noise_schedule(scheduler_config: Mapping[str, Any], out: Path, samplers: Seq
         middle.plot(range(len(timesteps)), timesteps, marker="o", markersize=3, label=name)
         sigmas = getattr(scheduler, "sigmas", None)
         if sigmas is None:  # DDIM-like samplers: the noise level of each timestep from the training schedule
-            # A zero-terminal-SNR schedule ends at alpha_bar 0 (sigma infinite); show it as Euler does, at 2**-24.
-            visited = np.maximum(alphas[timesteps.astype(int)], 2.0**-24)
+            # A zero-terminal-SNR schedule ends at alpha_bar 0 (sigma infinite); show it as the samplers do.
+            visited = np.maximum(alphas[timesteps.astype(int)], ZERO_SNR_LAST_ALPHA_BAR)
             sigmas_shown = np.sqrt((1 - visited) / visited)
         else:
             sigmas_shown = sigmas.float().numpy()
