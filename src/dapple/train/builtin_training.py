@@ -290,20 +290,17 @@ class BuiltinTrainer:
         return (1 + self.config.object_loss_weight * grown).to(self.device)
 
     def diffusion_batch(
-        self, step: int, specs: list, latents: torch.Tensor, weights: torch.Tensor | None = None,
+        self, step: int, specs: list, latents: torch.Tensor, weights: torch.Tensor,
     ) -> tuple[torch.Tensor, list[str], torch.Tensor]:
         """(latents, captions, loss weights) of the batch of `step`."""
         rng = random.Random(f"{self.config.seed}:diffusion:{step}")
         picks = [rng.randrange(len(specs)) for _ in range(self.config.diffusion_batch_size)]
         captions = ["" if rng.random() < self.config.empty_caption_rate else caption_for(specs[i], rng) for i in picks]
-        batch_weights = torch.ones_like(latents[picks, :1]) if weights is None else weights[picks]
-        return latents[picks], captions, batch_weights
+        return latents[picks], captions, weights[picks]
 
-    def diffusion_loss(
-        self, step: int, specs: list, pool: torch.Tensor, pool_weights: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def diffusion_loss(self, step: int, specs: list, pool: torch.Tensor, pool_weights: torch.Tensor) -> torch.Tensor:
         """The min-SNR-weighted loss (epsilon or v target, as the config says) on the batch of `step` (fixed noise
-        and timesteps per step), each latent cell weighted by pool_weights (default: all alike)."""
+        and timesteps per step), each latent cell weighted by pool_weights (from scene_pool)."""
         latents, captions, cell_weights = self.diffusion_batch(step, specs, pool, pool_weights)
         generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + step)
         discount = self.config.multires_noise_discount if step >= self.config.multires_noise_from_step else 0.0
@@ -342,9 +339,7 @@ class BuiltinTrainer:
         pick_high = torch.rand(count, generator=generator) < high_share
         return torch.where(pick_high, high, uniform)
 
-    def diffusion_step(
-        self, step: int, specs: list, pool: torch.Tensor, pool_weights: torch.Tensor | None = None,
-    ) -> float:
+    def diffusion_step(self, step: int, specs: list, pool: torch.Tensor, pool_weights: torch.Tensor) -> float:
         loss = self.diffusion_loss(step, specs, pool, pool_weights)
         for group in self.optimizer.param_groups:
             group["lr"] = self.config.diffusion_learning_rate * _lr_factor(
