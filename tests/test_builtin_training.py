@@ -110,6 +110,77 @@ def test_stage_two_can_start_from_an_exported_vae(tmp_path) -> None:
         raise AssertionError("a folder without a VAE was accepted")
 
 
+def test_a_run_can_fine_tune_an_exported_model(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from dapple.interfaces.cli import app
+
+    config = TrainingConfig(**{**CONFIG.__dict__, "vae_steps": 3, "diffusion_steps": 4})
+    donor = BuiltinTrainer(tmp_path / "donor", config)
+    donor_folder = donor.run(progress=False)
+    exported = CliRunner().invoke(app, ["train", "export", "--run", str(tmp_path / "donor"), "--out",
+                                        str(donor_folder)])  # gives the donor a card with its recipe
+    assert exported.exit_code == 0, exported.output
+
+    tuned = TrainingConfig(**{**config.__dict__, "init_from": str(donor_folder), "diffusion_learning_rate": 5e-4})
+    trainer = BuiltinTrainer(tmp_path / "run", tuned)
+    assert (trainer.stage, trainer.step) == ("diffusion", 0)
+    donor.ema_unet.copy_to(donor.unet.parameters())  # the folder holds the donor's EMA weights, in fp16
+    for name, tensor in donor.unet.state_dict().items():
+        assert torch.allclose(tensor, trainer.unet.state_dict()[name], rtol=1e-3, atol=1e-3), name
+    fresh = BuiltinTrainer(tmp_path / "fresh", config)
+    assert not all(torch.equal(a, b) for a, b in zip(fresh.unet.parameters(), trainer.unet.parameters()))
+    shadow = trainer.ema_unet.shadow_params  # the EMA starts from the loaded weights, not from random ones
+    assert all(torch.equal(a, b) for a, b in zip(shadow, trainer.unet.parameters()))
+    assert trainer.run(progress=False).is_dir()
+
+    result = CliRunner().invoke(app, ["train", "export", "--run", str(tmp_path / "run"), "--out",
+                                      str(tmp_path / "model")])
+    assert result.exit_code == 0, result.output
+    card = (tmp_path / "model" / "README.md").read_text()
+    assert f"--init-from {donor_folder}" in card and "--set diffusion_learning_rate=0.0005" in card
+    assert f"dapple train builtin --out {tmp_path / 'donor'}" in card  # the donor's recipe, from its card
+
+    both = TrainingConfig(**{**tuned.__dict__, "vae_from": str(donor_folder)})
+    try:
+        BuiltinTrainer(tmp_path / "both", both)
+    except ValueError as error:
+        assert "not both" in str(error)
+    else:
+        raise AssertionError("vae_from and init_from together were accepted")
+
+
+def test_set_options_name_config_fields_and_recreate_the_config() -> None:
+    from dapple.train.builtin_training import config_overrides, config_settings
+
+    overrides = config_overrides(["diffusion_learning_rate=3e-4", "object_loss_weight=6", "zero_terminal_snr=false",
+                                  "prediction_type=epsilon"])
+    assert overrides == {"diffusion_learning_rate": 3e-4, "object_loss_weight": 6.0, "zero_terminal_snr": False,
+                         "prediction_type": "epsilon"}
+    assert type(overrides["object_loss_weight"]) is float  # "6" is a float field's value
+    config = TrainingConfig(**overrides)
+    assert TrainingConfig(**config_overrides(config_settings(config))) == config
+    assert config_settings(TrainingConfig()) == []
+    for bad, message in [("no_such_field=1", "NAME one of"), ("seed=3", "NAME one of"), ("scene_pool=1.5", "int"),
+                         ("min_snr_gamma=high", "float"), ("ema_power", "NAME=VALUE")]:
+        try:
+            config_overrides([bad])
+        except ValueError as error:
+            assert message in str(error) and bad in str(error), (bad, str(error))
+        else:
+            raise AssertionError(f"--set {bad} was accepted")
+
+
+def test_the_train_command_refuses_an_unknown_setting(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from dapple.interfaces.cli import app
+
+    result = CliRunner().invoke(app, ["train", "builtin", "--out", str(tmp_path / "run"), "--set", "lr=1"])
+    assert result.exit_code == 2 and "diffusion_learning_rate" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_stopped_run_resumes_to_the_same_weights(tmp_path) -> None:
     config = TrainingConfig(**{**CONFIG.__dict__, "vae_steps": 6, "diffusion_steps": 12})
     straight = BuiltinTrainer(tmp_path / "straight", config)

@@ -611,7 +611,8 @@ def inspect_unet(
         _report(unet_call(_inspect_pipe(model), _open_picture(image), prompt, t, out, seed=seed))
 
 
-train_app = typer.Typer(help="Train models: the built-in shapes model (fine-tuning comes later).", no_args_is_help=True)
+train_app = typer.Typer(help="Train models: the built-in shapes model, from scratch or from a model folder.",
+                        no_args_is_help=True)
 eval_app = typer.Typer(help="Evaluate models.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
 app.add_typer(eval_app, name="eval")
@@ -624,16 +625,25 @@ def train_builtin(
     vae_steps: Optional[int] = typer.Option(None, help="stage 1 steps [default: the recipe's]"),
     diffusion_steps: Optional[int] = typer.Option(None, help="stage 2 steps [default: the recipe's]"),
     vae_from: Optional[Path] = typer.Option(None, help="a model folder whose VAE to reuse (skips stage 1)"),
+    init_from: Optional[Path] = typer.Option(None, help="a model folder to fine-tune: stage 2 starts from its "
+                                             "VAE, text encoder and UNet"),
+    settings: list[str] = typer.Option([], "--set", help="NAME=VALUE for any other TrainingConfig field, e.g. "
+                                       "--set diffusion_learning_rate=3e-4 (repeatable)"),
     device: str = typer.Option("cpu", help="cpu or cuda"),
     stop_after: Optional[int] = typer.Option(None, help="train at most this many steps now, then checkpoint"),
 ) -> None:
     """Train the built-in model on the shapes world. Run the same command again to resume."""
     _quiet_libraries()
-    from dapple.train.builtin_training import BuiltinTrainer, TrainingConfig
+    from dapple.train.builtin_training import BuiltinTrainer, TrainingConfig, config_overrides
 
     with user_errors():
         overrides = {"vae_steps": vae_steps, "diffusion_steps": diffusion_steps,
-                     "vae_from": str(vae_from) if vae_from is not None else None}
+                     "vae_from": str(vae_from) if vae_from is not None else None,
+                     "init_from": str(init_from) if init_from is not None else None}
+        try:
+            overrides.update(config_overrides(settings))
+        except ValueError as error:
+            raise DappleError(str(error)) from None
         config = TrainingConfig(seed=seed, **{key: value for key, value in overrides.items() if value is not None})
         try:
             trainer = BuiltinTrainer(out, config, device=device)
@@ -655,7 +665,7 @@ def train_export(
 ) -> None:
     """Export a run's current EMA weights as a model folder with a model card, finished or not."""
     _quiet_libraries()
-    from dapple.train.builtin_training import BuiltinTrainer, TrainingConfig
+    from dapple.train.builtin_training import BuiltinTrainer, TrainingConfig, config_settings
     from dapple.train.model_card import write_model_card
 
     with user_errors():
@@ -683,8 +693,12 @@ def train_export(
                 f"--diffusion-steps {config.diffusion_steps}"
         if config.vae_from is not None:
             train += f" --vae-from {config.vae_from}"
+        if config.init_from is not None:
+            train += f" --init-from {config.init_from}"
+        train += "".join(f" --set {setting}" for setting in config_settings(config))
         if trainer.stage != "done":  # the same batches, so stopping at the same step gives the same weights
-            vae_steps_done = config.vae_steps if trainer.stage == "diffusion" and config.vae_from is None else 0
+            reused = config.vae_from is not None or config.init_from is not None  # no stage 1
+            vae_steps_done = config.vae_steps if trainer.stage == "diffusion" and not reused else 0
             train += f" --stop-after {trainer.step + vae_steps_done}"
         export = f"dapple train export --run {run} --out {out}"
         if evaluate:

@@ -94,6 +94,9 @@ class TrainingConfig:
     # A model folder whose VAE (weights and scaling factor) stage 2 trains on, skipping stage 1. The VAE is the
     # slow half of a CPU run; one trained with the same architecture by this recipe can be reused.
     vae_from: str | None = None
+    # A model folder whose VAE, text encoder and UNet stage 2 starts from (fine-tuning: a continuation with its
+    # own learning-rate schedule and loss settings). Exclusive with vae_from, which it includes.
+    init_from: str | None = None
     ema_power: float = 0.75  # EMA warm-up: decay reaches 0.999 after ~10k steps
     scene_pool: int = 20000  # training scenes encoded once to latents for stage 2
     checkpoint_every: int = 250
@@ -101,6 +104,40 @@ class TrainingConfig:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+# Fields the `dapple train builtin` command sets with options of their own, not with --set NAME=VALUE.
+_OWN_OPTIONS = ("seed", "architecture", "vae_steps", "diffusion_steps", "vae_from", "init_from")
+
+
+def config_overrides(settings: list[str]) -> dict[str, Any]:
+    """Parse NAME=VALUE strings (the CLI's --set) into TrainingConfig fields, each value of its field's type."""
+    defaults = TrainingConfig().as_dict()
+    allowed = [name for name in defaults if name not in _OWN_OPTIONS]
+    overrides: dict[str, Any] = {}
+    for setting in settings:
+        name, equals, text = setting.partition("=")
+        name = name.strip()
+        if not equals or name not in allowed:
+            raise ValueError(f"--set {setting!r}: expected NAME=VALUE with NAME one of: {', '.join(allowed)}")
+        kind = type(defaults[name])
+        try:
+            value = text if kind is str else json.loads(text)
+            if kind is float and type(value) is int:
+                value = float(value)
+            if type(value) is not kind:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"--set {setting!r}: {name} takes {kind.__name__} values, not {text!r}") from None
+        overrides[name] = value
+    return overrides
+
+
+def config_settings(config: TrainingConfig) -> list[str]:
+    """The --set NAME=VALUE strings that, with the command's own options, recreate `config` from the defaults."""
+    defaults = TrainingConfig().as_dict()
+    return [f"{name}={value if isinstance(value, str) else json.dumps(value)}"
+            for name, value in config.as_dict().items() if name not in _OWN_OPTIONS and value != defaults[name]]
 
 
 def builtin_schedule_config(config: TrainingConfig, training: bool = False) -> dict[str, Any]:
@@ -184,8 +221,12 @@ class BuiltinTrainer:
     def _resume(self) -> None:
         state = load_checkpoint(self.checkpoint_path)
         if state is None:
-            if self.config.vae_from is not None:
-                self._load_vae(Path(self.config.vae_from))
+            if self.config.vae_from is not None and self.config.init_from is not None:
+                raise ValueError("give vae_from or init_from, not both (init_from reuses the folder's VAE too)")
+            if self.config.init_from is not None:
+                self._load_model(Path(self.config.init_from))
+            elif self.config.vae_from is not None:
+                self._load_vae(Path(self.config.vae_from), "vae_from")
             return
         if json.loads(state["config"]) != json.loads(json.dumps(self.config.as_dict())):
             raise ValueError(
@@ -202,19 +243,39 @@ class BuiltinTrainer:
         self.ema_unet.load_state_dict(state["ema_unet"])
         self.ema_text.load_state_dict(state["ema_text"])
 
-    def _load_vae(self, folder: Path) -> None:
+    def _load_vae(self, folder: Path, option: str) -> None:
         """Start at stage 2 with the VAE of an exported model folder (its architecture must match this run's)."""
         source = folder / "vae" if (folder / "vae").is_dir() else folder
         if not (source / "config.json").is_file():
-            raise ValueError(f"vae_from: {folder} holds no VAE (no vae/config.json); give a model folder")
+            raise ValueError(f"{option}: {folder} holds no VAE (no vae/config.json); give a model folder")
         vae = AutoencoderKL.from_pretrained(str(source), torch_dtype=torch.float32)
         try:
             self.vae.load_state_dict(vae.state_dict())
         except RuntimeError as error:
             raise ValueError(
-                f"vae_from: the VAE in {folder} has another architecture than this run's: {error}") from None
+                f"{option}: the VAE in {folder} has another architecture than this run's: {error}") from None
         self.vae.register_to_config(scaling_factor=float(vae.config.scaling_factor))
         self.stage, self.step = "diffusion", 0
+
+    def _load_model(self, folder: Path) -> None:
+        """Start stage 2 from every network of an exported model folder; the EMA starts from its weights too."""
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        self._load_vae(folder, "init_from")
+        for name, network, loader in (("unet", self.unet, UNet2DConditionModel),
+                                      ("text_encoder", self.text_encoder, CLIPTextModel)):
+            if not (folder / name / "config.json").is_file():
+                raise ValueError(f"init_from: {folder} holds no {name} (no {name}/config.json); give a model folder")
+            source = loader.from_pretrained(str(folder / name), torch_dtype=torch.float32)
+            try:
+                network.load_state_dict(source.state_dict())
+            except RuntimeError as error:
+                raise ValueError(
+                    f"init_from: the {name} in {folder} has another architecture than this run's: {error}") from None
+        power = self.config.ema_power
+        self.ema_unet = EMAModel(self.unet.parameters(), use_ema_warmup=True, power=power)
+        self.ema_text = EMAModel(self.text_encoder.parameters(), use_ema_warmup=True, power=power)
 
     def save(self) -> None:
         save_checkpoint(self.checkpoint_path, self._state())

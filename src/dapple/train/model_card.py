@@ -34,6 +34,20 @@ def training_minutes(log_path: Path, stage: str = "done", step: int = 0) -> dict
     return minutes
 
 
+def _parent_recipe(init_from: str | None) -> list[str]:
+    """Card lines giving the recipe of the model a run continued from, copied from that folder's own card."""
+    if init_from is None:
+        return []
+    card = Path(init_from) / "README.md"
+    text = card.read_text() if card.is_file() else ""
+    start = text.find("```bash\n")
+    end = text.find("```", start + 8) if start >= 0 else -1
+    if start < 0 or end < 0:
+        return [f"It continues `{init_from}`, a model folder with no recipe on its card.", ""]
+    return [f"It continues `{init_from}`, whose own card gives this recipe:", "", "```bash",
+            *text[start + 8:end].rstrip("\n").splitlines(), "```", ""]
+
+
 def write_model_card(
     folder: Path, config: TrainingConfig, *, run_dir: Path, stage: str, step: int, table: AccuracyTable | None,
     evaluation: str = "", commands: list[str] | None = None,
@@ -64,6 +78,7 @@ def write_model_card(
         *(commands or [f"dapple train builtin --seed {config.seed}"]),
         "```",
         "",
+        *_parent_recipe(config.init_from),
         "The full training config (TrainingConfig):",
         "",
         "```text",
@@ -78,6 +93,8 @@ def write_model_card(
         "",
         *([f"- vae: not trained in this run; reused from `{config.vae_from}` (`--vae-from`)"]
           if config.vae_from else []),
+        *([f"- every network starts from `{config.init_from}` (`--init-from`); its training time is on its card"]
+          if config.init_from else []),
         *[f"- {name}: {value:.0f} minutes" for name, value in minutes.items()],
         f"- machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, no GPU",
         "",
