@@ -19,10 +19,11 @@ from dapple.interfaces.cli import app
 from dapple.train.data.captions import parse_caption
 from dapple.train.scorer import score_image
 
-# The settings its model card recommends. Karras spacing on this zero-terminal-SNR schedule spends 11 of 20 steps
-# above t=970, where the picture barely changes: on 100 held-out captions DPM++ 2M Karras at CFG 6 got shape 72%
-# against DPM++ 2M's 80% (CFG 6) and 83% (CFG 5).
-STEPS, CFG, SAMPLER = 20, 5.0, "DPM++ 2M"
+# The settings its model card recommends. Guidance only at t >= 600 (a guidance interval): guided to the end, the
+# model draws squares with pinched sides and outward corners that read as circles (200 held-out captions, DPM++ 2M,
+# CFG 5: shape 86% guided at every step, 92% at t >= 600 only). Karras spacing on this zero-terminal-SNR schedule
+# spends 11 of 20 steps above t=970, where the picture barely changes, hence DPM++ 2M.
+STEPS, CFG, SAMPLER, GUIDANCE_MIN_T = 20, 5.0, "DPM++ 2M", 600
 
 # One prompt per position, colours, shapes and backgrounds varied, some held-out combinations among them.
 # "a orange", not "an orange": the training captions never say "an", so the model does not know the word.
@@ -45,8 +46,9 @@ def builtin_pipe():
     return dapple.load()
 
 
-def _generate(pipe, prompt: str, seed: int) -> Image.Image:
-    return pipe.generate(prompt, steps=STEPS, guidance_scale=CFG, sampler=SAMPLER, seed=seed).images[0]
+def _generate(pipe, prompt: str, seed: int, guidance_min_t: int = GUIDANCE_MIN_T) -> Image.Image:
+    return pipe.generate(prompt, steps=STEPS, guidance_scale=CFG, sampler=SAMPLER, seed=seed,
+                         guidance_min_timestep=guidance_min_t).images[0]
 
 
 def test_builtin_model_is_a_small_fp16_diffusers_folder() -> None:
@@ -64,6 +66,19 @@ def test_prompts_colour_background_and_position_show_up(builtin_pipe) -> None:
         for name in hits:
             hits[name] += getattr(seen, name) == expected[name]
     assert all(count >= 8 for count in hits.values()), f"right out of 9: {hits}"
+
+
+def test_small_squares_come_out_square(builtin_pipe) -> None:
+    """The hardest shape: 16 small squares of the shapes world (held-out combinations among them), canonical
+    captions. Measured when written: 14 of 16 at the card's settings; guided at every step, 5 of 16."""
+    from dapple.train.data.captions import canonical_caption
+    from dapple.train.data.shapes import ShapesWorld
+
+    scenes = [s for s in ShapesWorld(seed=5, split="all").scenes(0, 400)
+              if (s.spec.shape, s.spec.size) == ("square", "small")][:16]
+    right = [score_image(_generate(builtin_pipe, canonical_caption(scene.spec), seed)).shape == "square"
+             for seed, scene in enumerate(scenes)]
+    assert len(scenes) == 16 and sum(right) >= 12, f"right: {right}"
 
 
 def test_size_words_change_the_shape_size(builtin_pipe) -> None:
@@ -92,7 +107,7 @@ def test_inpainting_repaints_the_masked_half_towards_the_new_prompt(builtin_pipe
     mask.paste(255, (32, 0, 64, 64))
     result = builtin_pipe.inpaint(original, mask, "a large yellow square at the right on a blue background",
                                   strength=1.0, steps=STEPS, guidance_scale=CFG, sampler=SAMPLER,
-                                  seed=12, mask_blur=2).images[0]
+                                  guidance_min_timestep=GUIDANCE_MIN_T, seed=12, mask_blur=2).images[0]
     before, after = np.asarray(original).astype(int), np.asarray(result).astype(int)
 
     def yellow_pixels(pixels: np.ndarray) -> int:

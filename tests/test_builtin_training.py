@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 import dapple
@@ -210,6 +211,20 @@ def test_resuming_with_another_config_is_refused(tmp_path) -> None:
         assert "different training config" in str(error)
     else:
         raise AssertionError("a different config was accepted")
+
+
+def test_a_checkpoint_from_before_a_new_config_field_still_resumes(tmp_path) -> None:
+    from dapple.train.checkpoint import load_checkpoint, save_checkpoint
+
+    trainer = BuiltinTrainer(tmp_path / "run", CONFIG)
+    trainer.run(progress=False, stop_after=2)
+    state = load_checkpoint(trainer.checkpoint_path)
+    older = json.loads(state["config"])
+    del older["init_from"]  # as written before the field existed
+    save_checkpoint(trainer.checkpoint_path, {**state, "config": json.dumps(older)})
+    assert BuiltinTrainer(tmp_path / "run", CONFIG).step == 2
+    with pytest.raises(ValueError, match="different training config"):  # a non-default value is still a change
+        BuiltinTrainer(tmp_path / "run", TrainingConfig(**{**CONFIG.__dict__, "init_from": str(tmp_path)}))
 
 
 def test_export_writes_a_run_in_progress_as_a_model_folder(tmp_path) -> None:

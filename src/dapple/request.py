@@ -53,6 +53,9 @@ class GenerationRequest(BaseModel):
     height: int | None = Field(None, ge=64, le=2048, multiple_of=8, description="None: the model's native size")
     steps: int = Field(20, ge=1, le=150)
     guidance_scale: float = Field(7.0, ge=0.0, le=30.0, description="classifier-free guidance; <= 1 skips uncond")
+    guidance_min_timestep: int = Field(
+        0, ge=0, le=1000, description="guide only the steps at timesteps t >= this (a guidance interval, "
+        "Kynkaanniemi et al. 2024); later steps use the prompt alone and skip the unconditional pass. 0: every step")
     seed: int = Field(-1, ge=-1, le=MAX_SEED, description="-1 picks a random seed; image i uses seed + i")
     sampler: str = Field(DEFAULT_SAMPLER, min_length=1, description="A1111 name, e.g. 'Euler a', 'DPM++ 2M Karras'")
     batch_size: int = Field(1, ge=1, le=16)

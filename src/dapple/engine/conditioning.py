@@ -74,6 +74,10 @@ class Conditioning:
     def uses_guidance(self) -> bool:
         return self.uncond is not None
 
+    def prompt_only(self) -> Conditioning:
+        """The same conditioning without the negative half: for steps that skip guidance."""
+        return Conditioning(cond=self.cond, pooled=self.pooled, time_ids=self.time_ids)
+
     @property
     def unet_batch(self) -> torch.Tensor:
         """The encoder hidden states for one UNet call: [uncond; cond] under CFG (diffusers' order)."""

@@ -135,6 +135,7 @@ class Run:
             self.components.unet, scheduler, latents, self.conditioning, self.request.guidance_scale,
             timesteps=timesteps, generators=self.generators, hooks=merged,
             previewer=make_previewer(self.components), extra_channels=extra_channels, phase=phase,
+            guidance_min_timestep=self.request.guidance_min_timestep,
         )
         key = "denoise" if phase == "sampling" else f"denoise_{phase}"
         self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - clock
@@ -226,6 +227,7 @@ def build_infotexts(
             "Sampler": choice.spec.name,
             "Schedule type": None if choice.schedule_type == "Automatic" else choice.schedule_type,
             "CFG scale": _format_number(request.guidance_scale),
+            "CFG min timestep": request.guidance_min_timestep or None,  # Dapple's own entry (guidance interval)
             "Seed": seed,
             "Size": f"{width}x{height}",
             "Model hash": model_hash,

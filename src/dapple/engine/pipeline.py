@@ -138,16 +138,19 @@ class Pipeline:
         batch_size: int | None = None,
         *,
         hires: Hires | float | dict | None = None,
+        guidance_min_timestep: int | None = None,
         callback: StepCallback | None = None,
         cancel: CancelToken | None = None,
     ) -> GenerationResult:
         """Text-to-image. Arguments left as None take GenerationRequest's defaults (20 steps, CFG 7,
         "DPM++ 2M Karras", random seed, the model's native size). `hires` turns on hires fix: a scale (2.0), a
-        Hires(scale, upscaler, steps, strength) or a dict of those. `callback` is called after every step with
+        Hires(scale, upscaler, steps, strength) or a dict of those. guidance_min_timestep: guide only the steps
+        at t >= this (a guidance interval; default 0, every step). `callback` is called after every step with
         a StepContext (step, total, latents, denoised, preview(), phase); `cancel` stops the run between steps."""
         fields: dict[str, Any] = {
             "negative_prompt": negative_prompt, "width": width, "height": height, "steps": steps,
             "guidance_scale": guidance_scale, "seed": seed, "sampler": sampler, "batch_size": batch_size,
+            "guidance_min_timestep": guidance_min_timestep,
         }
         if hires is not None:
             fields.update(Hires.coerce(hires).request_fields())

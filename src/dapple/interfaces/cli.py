@@ -57,6 +57,8 @@ class GenerationOptions:
     height = typer.Option(None, help="multiple of 8 in 64..2048 (default: the model's size, or the image's)")
     steps = typer.Option(_defaults["steps"].default, help="sampling steps, 1..150")
     guidance = typer.Option(_defaults["guidance_scale"].default, "--guidance", "--cfg", help="CFG scale 0..30")
+    guidance_min_t = typer.Option(_defaults["guidance_min_timestep"].default, "--guidance-min-t",
+                                  help="guide only steps at timesteps >= this, 0..1000 (0: all)")
     seed = typer.Option(_defaults["seed"].default, help="-1 for random; image i uses seed + i")
     sampler = typer.Option(_defaults["sampler"].default, help="see `dapple samplers`")
     batch = typer.Option(_defaults["batch_size"].default, help="images per run, 1..16")
@@ -142,6 +144,7 @@ def generate(
     height: Optional[int] = GenerationOptions.height,
     steps: int = GenerationOptions.steps,
     guidance: float = GenerationOptions.guidance,
+    guidance_min_t: int = GenerationOptions.guidance_min_t,
     seed: int = GenerationOptions.seed,
     sampler: str = GenerationOptions.sampler,
     batch: int = GenerationOptions.batch,
@@ -162,7 +165,8 @@ def generate(
     """Generate images from a prompt and save them as PNGs with A1111 infotext."""
     fields = dict(prompt=prompt, negative_prompt=negative, width=width, height=height, steps=steps,
                   guidance_scale=guidance, seed=seed, sampler=sampler, batch_size=batch, hires_scale=hires_scale,
-                  hires_upscaler=hires_upscaler, hires_steps=hires_steps, hires_strength=hires_strength)
+                  hires_upscaler=hires_upscaler, hires_steps=hires_steps, hires_strength=hires_strength,
+                  guidance_min_timestep=guidance_min_t)
     _run_and_save(fields, model=model, out=out, device=device, dtype=dtype, allow_pickle=allow_pickle, vae=vae,
                   models_dir=models_dir)
 
@@ -178,6 +182,7 @@ def img2img(
     height: Optional[int] = GenerationOptions.height,
     steps: int = GenerationOptions.steps,
     guidance: float = GenerationOptions.guidance,
+    guidance_min_t: int = GenerationOptions.guidance_min_t,
     seed: int = GenerationOptions.seed,
     sampler: str = GenerationOptions.sampler,
     batch: int = GenerationOptions.batch,
@@ -192,7 +197,7 @@ def img2img(
     """Redraw an image after a prompt; --strength 0..1 sets how much changes (int(steps x strength) steps run)."""
     fields = dict(prompt=prompt, init_image=image, strength=strength, resize_mode=resize_mode,
                   negative_prompt=negative, width=width, height=height, steps=steps, guidance_scale=guidance,
-                  seed=seed, sampler=sampler, batch_size=batch)
+                  seed=seed, sampler=sampler, batch_size=batch, guidance_min_timestep=guidance_min_t)
     _run_and_save(fields, model=model, out=out, device=device, dtype=dtype, allow_pickle=allow_pickle, vae=vae,
                   models_dir=models_dir)
 
@@ -213,6 +218,7 @@ def inpaint(
     height: Optional[int] = GenerationOptions.height,
     steps: int = GenerationOptions.steps,
     guidance: float = GenerationOptions.guidance,
+    guidance_min_t: int = GenerationOptions.guidance_min_t,
     seed: int = GenerationOptions.seed,
     sampler: str = GenerationOptions.sampler,
     batch: int = GenerationOptions.batch,
@@ -228,7 +234,7 @@ def inpaint(
     fields = dict(prompt=prompt, init_image=image, mask=mask, strength=strength, mask_blur=mask_blur,
                   invert_mask=invert_mask, inpainting_fill=fill, resize_mode=resize_mode, negative_prompt=negative,
                   width=width, height=height, steps=steps, guidance_scale=guidance, seed=seed, sampler=sampler,
-                  batch_size=batch)
+                  batch_size=batch, guidance_min_timestep=guidance_min_t)
     _run_and_save(fields, model=model, out=out, device=device, dtype=dtype, allow_pickle=allow_pickle, vae=vae,
                   models_dir=models_dir)
 
@@ -246,6 +252,7 @@ def outpaint(
     negative: str = GenerationOptions.negative,
     steps: int = GenerationOptions.steps,
     guidance: float = GenerationOptions.guidance,
+    guidance_min_t: int = GenerationOptions.guidance_min_t,
     seed: int = GenerationOptions.seed,
     sampler: str = GenerationOptions.sampler,
     batch: int = GenerationOptions.batch,
@@ -260,7 +267,8 @@ def outpaint(
     """Extend an image's canvas on the chosen sides and draw the new area."""
     fields = dict(prompt=prompt, init_image=image, outpaint_left=left, outpaint_right=right, outpaint_top=top,
                   outpaint_bottom=bottom, strength=strength, mask_blur=mask_blur, negative_prompt=negative,
-                  steps=steps, guidance_scale=guidance, seed=seed, sampler=sampler, batch_size=batch)
+                  steps=steps, guidance_scale=guidance, seed=seed, sampler=sampler, batch_size=batch,
+                  guidance_min_timestep=guidance_min_t)
     _run_and_save(fields, model=model, out=out, device=device, dtype=dtype, allow_pickle=allow_pickle, vae=vae,
                   models_dir=models_dir)
 
@@ -274,6 +282,7 @@ def depth2img(
     negative: str = GenerationOptions.negative,
     steps: int = GenerationOptions.steps,
     guidance: float = GenerationOptions.guidance,
+    guidance_min_t: int = GenerationOptions.guidance_min_t,
     seed: int = GenerationOptions.seed,
     sampler: str = GenerationOptions.sampler,
     batch: int = GenerationOptions.batch,
@@ -287,7 +296,8 @@ def depth2img(
 ) -> None:
     """Depth-guided generation for depth models (SD 2 depth layout: a 5-channel UNet)."""
     fields = dict(prompt=prompt, init_image=image, depth_map=depth, strength=strength, negative_prompt=negative,
-                  steps=steps, guidance_scale=guidance, seed=seed, sampler=sampler, batch_size=batch)
+                  steps=steps, guidance_scale=guidance, seed=seed, sampler=sampler, batch_size=batch,
+                  guidance_min_timestep=guidance_min_t)
     _run_and_save(fields, model=model, out=out, device=device, dtype=dtype, allow_pickle=allow_pickle, vae=vae,
                   models_dir=models_dir)
 
@@ -662,6 +672,8 @@ def train_export(
                                  "steps) and put the table in the model card"),
     sampler: str = typer.Option("DPM++ 2M Karras", help="the sampler of that evaluation"),
     guidance: float = typer.Option(6.0, "--guidance", "--cfg", help="the guidance scale of that evaluation"),
+    guidance_min_t: int = typer.Option(0, "--guidance-min-t", help="that evaluation guides only steps at "
+                                       "timesteps >= this (0: all)"),
 ) -> None:
     """Export a run's current EMA weights as a model folder with a model card, finished or not."""
     _quiet_libraries()
@@ -683,10 +695,12 @@ def train_export(
             from dapple.train.evaluate import evaluate_pipeline
 
             table = evaluate_pipeline(dapple.load(out), evaluate, steps=20, guidance_scale=guidance, sampler=sampler,
-                                      seed=0)
-            settings = (f"`dapple eval builtin --model DIR --n {evaluate} --sampler \"{sampler}\" --cfg {guidance:g}`: "
-                        f"{evaluate} held-out captions naming every attribute, 20 steps of {sampler}, CFG {guidance:g}, "
-                        "seeds 0..; graded by image analysis.")
+                                      seed=0, guidance_min_timestep=guidance_min_t)
+            interval = f" --guidance-min-t {guidance_min_t}" if guidance_min_t else ""
+            guided = f" at timesteps >= {guidance_min_t}" if guidance_min_t else ""
+            settings = (f"`dapple eval builtin --model DIR --n {evaluate} --sampler \"{sampler}\" --cfg {guidance:g}"
+                        f"{interval}`: {evaluate} held-out captions naming every attribute, 20 steps of {sampler}, "
+                        f"CFG {guidance:g}{guided}, seeds 0..; graded by image analysis.")
             typer.echo(table.format(), err=True)
         config = trainer.config
         train = f"dapple train builtin --out {run} --seed {config.seed} --vae-steps {config.vae_steps} " \
@@ -703,6 +717,7 @@ def train_export(
         export = f"dapple train export --run {run} --out {out}"
         if evaluate:
             export += f" --eval {evaluate} --sampler \"{sampler}\" --cfg {guidance:g}"
+            export += f" --guidance-min-t {guidance_min_t}" if guidance_min_t else ""
         commands = [train, export]
         write_model_card(out, config, run_dir=run, stage=trainer.stage, step=trainer.step, table=table,
                          evaluation=settings, commands=commands)
@@ -727,6 +742,7 @@ def eval_builtin(
     n: int = typer.Option(200, help="held-out images to generate and grade"),
     steps: int = typer.Option(20),
     guidance: float = typer.Option(6.0, "--guidance", "--cfg"),
+    guidance_min_t: int = typer.Option(0, "--guidance-min-t", help="guide only steps at timesteps >= this"),
     sampler: str = typer.Option("DPM++ 2M Karras"),
     seed: int = typer.Option(0),
     grid: Optional[Path] = typer.Option(None, help="also save the first 64 images as a labelled-free grid PNG"),
@@ -749,7 +765,7 @@ def eval_builtin(
                     images.append(image)
 
             table = evaluate_pipeline(pipe, n, steps=steps, guidance_scale=guidance, sampler=sampler, seed=seed,
-                                      on_image=collect)
+                                      guidance_min_timestep=guidance_min_t, on_image=collect)
     typer.echo(table.format())
     if grid is not None and images:
         from PIL import Image

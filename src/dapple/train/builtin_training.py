@@ -228,7 +228,11 @@ class BuiltinTrainer:
             elif self.config.vae_from is not None:
                 self._load_vae(Path(self.config.vae_from), "vae_from")
             return
-        if json.loads(state["config"]) != json.loads(json.dumps(self.config.as_dict())):
+        stored = json.loads(state["config"])
+        # A field added to TrainingConfig after the checkpoint was written counts as its default value.
+        defaults = json.loads(json.dumps(TrainingConfig().as_dict()))
+        stored = {**{name: value for name, value in defaults.items() if name not in stored}, **stored}
+        if stored != json.loads(json.dumps(self.config.as_dict())):
             raise ValueError(
                 f"{self.checkpoint_path} was written with a different training config; "
                 "use a new output folder or the same settings"

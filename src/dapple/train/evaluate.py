@@ -27,13 +27,14 @@ def evaluate_pipeline(
     guidance_scale: float = 6.0,
     sampler: str = "DPM++ 2M Karras",
     seed: int = 0,
+    guidance_min_timestep: int = 0,
     on_image: Callable[[int, str, object], None] | None = None,
 ) -> AccuracyTable:
     """Generate one image per held-out case (seed + i) and grade it."""
     table = AccuracyTable()
     for index, (caption, expected) in enumerate(held_out_cases(n, seed)):
         image = pipe.generate(caption, steps=steps, guidance_scale=guidance_scale, sampler=sampler,
-                              seed=seed + index).images[0]
+                              seed=seed + index, guidance_min_timestep=guidance_min_timestep).images[0]
         table.add(grade(score_image(image), expected))
         if on_image is not None:
             on_image(index, caption, image)
