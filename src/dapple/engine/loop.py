@@ -82,10 +82,7 @@ def denoise(
                           added_cond_kwargs=batch.added_cond_kwargs)[0]
         if guided:
             noise_uncond, noise_cond = noise_pred.chunk(2)
-            import os
-            lo = float(os.environ.get("DAPPLE_GLO", "-1"))
-            w = guidance_scale if float(t) >= lo else 1.0
-            noise_pred = noise_uncond + w * (noise_cond - noise_uncond)
+            noise_pred = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
 
         output = scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=True)
         context.latents = output.prev_sample
