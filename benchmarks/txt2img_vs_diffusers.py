@@ -86,8 +86,9 @@ def worker(args: argparse.Namespace) -> None:
         pipe = dapple.load(args.model_dir, device=args.device, dtype=dtype)
 
         def run(steps: int):
+            # guidance at every step, as diffusers does, whatever the model folder recommends
             return pipe.generate(args.prompt, negative_prompt=args.negative, steps=steps, seed=args.seed,
-                                 sampler=args.sampler, **settings).images[0]
+                                 sampler=args.sampler, guidance_min_timestep=0, **settings).images[0]
     else:
         from diffusers import StableDiffusionPipeline
 

@@ -135,3 +135,11 @@ def test_translate_names_what_it_ignores() -> None:
     assert fields["sampler"] == "Euler a" and fields["batch_size"] == 4
     assert (fields["hires_scale"], fields["hires_strength"]) == (1.5, 0.4)
     assert "styles" in ignored and "restore_faces" in ignored and "inpaint_full_res" not in ignored
+
+
+def test_translate_sets_every_sampling_field_as_a1111_does() -> None:
+    """A1111 has no model-recommended settings: its defaults fill the request, so a model folder's
+    generation_defaults.json (which only fills unset fields) does not change an A1111 client's images."""
+    fields, _ = translate({"prompt": "x"}, "txt2img")
+    assert {key: fields[key] for key in ("sampler", "steps", "guidance_scale", "guidance_min_timestep")} == {
+        "sampler": "Euler", "steps": 50, "guidance_scale": 7.0, "guidance_min_timestep": 0}

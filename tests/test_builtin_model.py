@@ -126,6 +126,9 @@ def test_generate_without_model_uses_the_builtin_and_prints_the_png_path(tmp_pat
     result = CliRunner().invoke(app, ["generate", "a red circle on a blue background", "--seed", "5",
                                       "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
+    # its folder's generation_defaults.json: the card's recommended settings, with nothing on the command line
+    assert "the model's recommended settings: sampler=DPM++ 2M, steps=20, guidance_scale=5.0, " \
+           "guidance_min_timestep=600" in result.stderr
     path = result.stdout.strip().splitlines()[-1]
     image = Image.open(path)
     assert image.size == (64, 64)

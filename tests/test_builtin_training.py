@@ -246,6 +246,24 @@ def test_export_writes_a_run_in_progress_as_a_model_folder(tmp_path) -> None:
     assert missing.exit_code == 2 and "holds no checkpoint.pt" in missing.stderr
 
 
+def test_export_with_an_evaluation_recommends_the_evaluated_settings(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from dapple.interfaces.cli import app
+
+    config = TrainingConfig(**{**CONFIG.__dict__, "vae_steps": 2, "diffusion_steps": 2})
+    BuiltinTrainer(tmp_path / "run", config).run(progress=False)
+    result = CliRunner().invoke(app, ["train", "export", "--run", str(tmp_path / "run"), "--out",
+                                      str(tmp_path / "model"), "--eval", "2", "--sampler", "Euler", "--cfg", "4",
+                                      "--guidance-min-t", "500"])
+    assert result.exit_code == 0, result.output
+    assert dapple.load(tmp_path / "model", device="cpu").components.generation_defaults == {
+        "sampler": "Euler", "steps": 20, "guidance_scale": 4.0, "guidance_min_timestep": 500}
+    card = (tmp_path / "model" / "README.md").read_text()
+    assert "--eval 2 --sampler \"Euler\" --cfg 4 --guidance-min-t 500" in card
+    assert "`generation_defaults.json` makes these the settings" in card
+
+
 def test_training_minutes_leave_out_the_pauses_of_a_resumed_run(tmp_path) -> None:
     from dapple.train.model_card import training_minutes
 

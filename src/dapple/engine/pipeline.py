@@ -29,6 +29,7 @@ from dapple.engine.prompt_syntax import ExtraNetwork, extract_extra_networks
 from dapple.errors import GenerationCancelled, InvalidRequestError
 from dapple.models.components import Components
 from dapple.models.embeddings import EMBEDDING_HASH_LENGTH, EMBEDDING_SUFFIXES, install, name_pattern, read_embedding
+from dapple.models.generation_defaults import with_model_defaults
 from dapple.models.lora import LORA_HASH_LENGTH, LoraLayer, LoraPatcher, find_in_folders, read_lora
 from dapple.request import DEFAULT_SAMPLER, GenerationRequest, GenerationResult, Hires, Limits, make_request
 from dapple.samplers import create_scheduler
@@ -76,7 +77,7 @@ class Pipeline:
         generate() never uses this object; it makes a fresh scheduler per run.
         """
         if self._scheduler is None:
-            self._scheduler = self.make_scheduler(DEFAULT_SAMPLER)
+            self._scheduler = self.make_scheduler(self.components.generation_defaults.get("sampler", DEFAULT_SAMPLER))
         return self._scheduler
 
     @property
@@ -209,7 +210,9 @@ class Pipeline:
         cancel: CancelToken | None = None,
         hooks: StepHooks | None = None,
     ) -> GenerationResult:
-        """Run a prepared request (the entry point the CLI and servers use)."""
+        """Run a prepared request (the entry point the CLI and servers use). Fields the request leaves unset take
+        the model folder's recommended settings, where it has some (generation_defaults.json)."""
+        request = with_model_defaults(request, self.components.generation_defaults)
         self.limits.check(request)
         if request.model is not None and request.model != self.components.name:
             raise InvalidRequestError(f"model {request.model!r}: this pipeline runs {self.components.name!r} "

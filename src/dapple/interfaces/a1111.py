@@ -74,6 +74,7 @@ def translate(body: dict[str, Any], mode: str) -> tuple[dict[str, Any], list[str
         "seed": int(body.get("seed", -1) if body.get("seed") is not None else -1),
         "sampler": sampler_name(body), "steps": int(body.get("steps") or 50),
         "guidance_scale": float(body.get("cfg_scale") if body.get("cfg_scale") is not None else 7.0),
+        "guidance_min_timestep": 0,  # A1111 guides every step, whatever the model folder recommends
         "width": int(body.get("width") or 512), "height": int(body.get("height") or 512), "batch_size": batch,
     }
     if mode == "txt2img" and body.get("enable_hr"):

@@ -55,12 +55,17 @@ class GenerationOptions:
     negative = typer.Option(_defaults["negative_prompt"].default, "--negative", "-n", help="what to avoid")
     width = typer.Option(None, help="multiple of 8 in 64..2048 (default: the model's size, or the image's)")
     height = typer.Option(None, help="multiple of 8 in 64..2048 (default: the model's size, or the image's)")
-    steps = typer.Option(_defaults["steps"].default, help="sampling steps, 1..150")
-    guidance = typer.Option(_defaults["guidance_scale"].default, "--guidance", "--cfg", help="CFG scale 0..30")
-    guidance_min_t = typer.Option(_defaults["guidance_min_timestep"].default, "--guidance-min-t",
-                                  help="guide only steps at timesteps >= this, 0..1000 (0: all)")
+    steps = typer.Option(None, show_default=False, help="sampling steps, 1..150 [default: the model's, else "
+                         f"{_defaults['steps'].default}]")
+    # sampler, guidance and guidance_min_t left unset take the model folder's recommendation, else these defaults
+    guidance = typer.Option(None, "--guidance", "--cfg", show_default=False,
+                            help=f"CFG scale 0..30 [default: the model's, else {_defaults['guidance_scale'].default:g}]")
+    guidance_min_t = typer.Option(None, "--guidance-min-t", show_default=False,
+                                  help="guide only steps at timesteps >= this, 0..1000 [default: the model's, else 0: "
+                                  "every step]")
     seed = typer.Option(_defaults["seed"].default, help="-1 for random; image i uses seed + i")
-    sampler = typer.Option(_defaults["sampler"].default, help="see `dapple samplers`")
+    sampler = typer.Option(None, show_default=False, help="see `dapple samplers` [default: the model's, else "
+                           f"{_defaults['sampler'].default}]")
     batch = typer.Option(_defaults["batch_size"].default, help="images per run, 1..16")
     model = typer.Option(None, "--model", "-m", help="diffusers model folder or single-file checkpoint "
                          "(default: the built-in model)")
@@ -89,7 +94,7 @@ def _run_and_save(fields: dict, *, model: Optional[Path], out: Path, device: Opt
                         models_dir=models_dir)
     with user_errors():
         # Check everything that needs no model first, so mistakes are reported in a second, not after loading.
-        request = make_request(**fields)
+        request = make_request(**{name: value for name, value in fields.items() if value is not None})
         resolve_sampler(request.sampler)
         settings.limits.check(request)
         _quiet_libraries()
@@ -103,6 +108,11 @@ def _run_and_save(fields: dict, *, model: Optional[Path], out: Path, device: Opt
                 bars[context.phase] = tqdm(total=context.total, desc=context.phase, unit="step", file=sys.stderr)
             bars[context.phase].update(1)
 
+        recommended = {name: value for name, value in pipe.components.generation_defaults.items()
+                       if name not in request.model_fields_set}
+        if recommended:
+            typer.echo("the model's recommended settings: " + ", ".join(f"{name}={value}" for name, value
+                                                                        in recommended.items()), err=True)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", DappleWarning)
             try:
@@ -142,11 +152,11 @@ def generate(
     negative: str = GenerationOptions.negative,
     width: Optional[int] = GenerationOptions.width,
     height: Optional[int] = GenerationOptions.height,
-    steps: int = GenerationOptions.steps,
-    guidance: float = GenerationOptions.guidance,
-    guidance_min_t: int = GenerationOptions.guidance_min_t,
+    steps: Optional[int] = GenerationOptions.steps,
+    guidance: Optional[float] = GenerationOptions.guidance,
+    guidance_min_t: Optional[int] = GenerationOptions.guidance_min_t,
     seed: int = GenerationOptions.seed,
-    sampler: str = GenerationOptions.sampler,
+    sampler: Optional[str] = GenerationOptions.sampler,
     batch: int = GenerationOptions.batch,
     hires_scale: float = typer.Option(1.0, help="hires fix: > 1 upscales by this factor and redraws (1..4)"),
     hires_upscaler: str = typer.Option("Latent", help="Latent, Latent (antialiased), Latent (bicubic), "
@@ -180,11 +190,11 @@ def img2img(
     negative: str = GenerationOptions.negative,
     width: Optional[int] = GenerationOptions.width,
     height: Optional[int] = GenerationOptions.height,
-    steps: int = GenerationOptions.steps,
-    guidance: float = GenerationOptions.guidance,
-    guidance_min_t: int = GenerationOptions.guidance_min_t,
+    steps: Optional[int] = GenerationOptions.steps,
+    guidance: Optional[float] = GenerationOptions.guidance,
+    guidance_min_t: Optional[int] = GenerationOptions.guidance_min_t,
     seed: int = GenerationOptions.seed,
-    sampler: str = GenerationOptions.sampler,
+    sampler: Optional[str] = GenerationOptions.sampler,
     batch: int = GenerationOptions.batch,
     model: Optional[Path] = GenerationOptions.model,
     out: Path = GenerationOptions.out,
@@ -216,11 +226,11 @@ def inpaint(
     negative: str = GenerationOptions.negative,
     width: Optional[int] = GenerationOptions.width,
     height: Optional[int] = GenerationOptions.height,
-    steps: int = GenerationOptions.steps,
-    guidance: float = GenerationOptions.guidance,
-    guidance_min_t: int = GenerationOptions.guidance_min_t,
+    steps: Optional[int] = GenerationOptions.steps,
+    guidance: Optional[float] = GenerationOptions.guidance,
+    guidance_min_t: Optional[int] = GenerationOptions.guidance_min_t,
     seed: int = GenerationOptions.seed,
-    sampler: str = GenerationOptions.sampler,
+    sampler: Optional[str] = GenerationOptions.sampler,
     batch: int = GenerationOptions.batch,
     model: Optional[Path] = GenerationOptions.model,
     out: Path = GenerationOptions.out,
@@ -250,11 +260,11 @@ def outpaint(
     strength: float = GenerationOptions.strength,
     mask_blur: int = GenerationOptions.mask_blur,
     negative: str = GenerationOptions.negative,
-    steps: int = GenerationOptions.steps,
-    guidance: float = GenerationOptions.guidance,
-    guidance_min_t: int = GenerationOptions.guidance_min_t,
+    steps: Optional[int] = GenerationOptions.steps,
+    guidance: Optional[float] = GenerationOptions.guidance,
+    guidance_min_t: Optional[int] = GenerationOptions.guidance_min_t,
     seed: int = GenerationOptions.seed,
-    sampler: str = GenerationOptions.sampler,
+    sampler: Optional[str] = GenerationOptions.sampler,
     batch: int = GenerationOptions.batch,
     model: Optional[Path] = GenerationOptions.model,
     out: Path = GenerationOptions.out,
@@ -280,11 +290,11 @@ def depth2img(
     prompt: str = typer.Argument(..., help="what to draw with that layout"),
     strength: float = typer.Option(0.8, help="denoising strength 0..1"),
     negative: str = GenerationOptions.negative,
-    steps: int = GenerationOptions.steps,
-    guidance: float = GenerationOptions.guidance,
-    guidance_min_t: int = GenerationOptions.guidance_min_t,
+    steps: Optional[int] = GenerationOptions.steps,
+    guidance: Optional[float] = GenerationOptions.guidance,
+    guidance_min_t: Optional[int] = GenerationOptions.guidance_min_t,
     seed: int = GenerationOptions.seed,
-    sampler: str = GenerationOptions.sampler,
+    sampler: Optional[str] = GenerationOptions.sampler,
     batch: int = GenerationOptions.batch,
     model: Optional[Path] = GenerationOptions.model,
     out: Path = GenerationOptions.out,
@@ -572,8 +582,8 @@ def inspect_noise(image: Path = typer.Argument(..., help="a picture"),
 @inspect_app.command("denoise")
 def inspect_denoise(
     prompt: str = typer.Argument(..., help="what to draw"),
-    steps: int = GenerationOptions.steps, guidance: float = GenerationOptions.guidance,
-    seed: int = typer.Option(0), sampler: str = GenerationOptions.sampler,
+    steps: Optional[int] = GenerationOptions.steps, guidance: Optional[float] = GenerationOptions.guidance,
+    seed: int = typer.Option(0), sampler: Optional[str] = GenerationOptions.sampler,
     negative: str = GenerationOptions.negative, model: Optional[Path] = _inspect_model, out: Path = _inspect_out,
 ) -> None:
     """Generate while keeping every step: animated GIF, contact sheet, latent statistics plot."""
@@ -690,7 +700,11 @@ def train_export(
         typer.echo(f"{run}: stage {trainer.stage}, step {trainer.step}", err=True)
         trainer.export(out)
         table, settings = None, ""
-        if evaluate > 0:
+        if evaluate > 0:  # the evaluated settings become the folder's recommendation
+            from dapple.models.generation_defaults import write_generation_defaults
+
+            write_generation_defaults(out, {"sampler": sampler, "steps": 20, "guidance_scale": guidance,
+                                            "guidance_min_timestep": guidance_min_t})
             import dapple
             from dapple.train.evaluate import evaluate_pipeline
 

@@ -34,6 +34,8 @@ class Components:
     source: str | None = None
     latent_rgb_factors: tuple[tuple[float, float, float], ...] = field(default=SD1_LATENT_RGB_FACTORS)
     vocabulary: frozenset[str] | None = None  # the words a closed-world model was trained on (None: not known)
+    # Settings the model's folder recommends (generation_defaults.json), for request fields the caller left unset.
+    generation_defaults: dict[str, Any] = field(default_factory=dict)
     # Depth2img's seam for a depth estimator (image -> (H, W) array, larger = nearer); none ships or downloads.
     depth_estimator: Any = None
     vae_source: str | None = None  # a VAE swapped in from elsewhere (None: the model's own)

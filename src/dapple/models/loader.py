@@ -21,6 +21,7 @@ from dapple.errors import ModelLoadError, PickleRefusedError
 from dapple.models.components import Components
 from dapple.models.devices import resolve_device, resolve_dtype, to_owned_channels_last
 from dapple.models.tokenizer import folder_tokenizer
+from dapple.models.generation_defaults import read_generation_defaults
 from dapple.models.vocabulary import read_vocabulary
 
 WEIGHT_COMPONENTS = ("text_encoder", "unet", "vae")
@@ -150,5 +151,6 @@ def load_components(
         scheduler_config=scheduler_config,
         name=root.name if root.name else str(root),
         vocabulary=read_vocabulary(root),
+        generation_defaults=read_generation_defaults(root),
         source=str(root),
     )

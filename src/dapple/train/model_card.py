@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from dapple.models.generation_defaults import read_generation_defaults
 from dapple.models.vocabulary import read_vocabulary
 from dapple.train.builtin_training import TrainingConfig
 from dapple.train.scorer import AccuracyTable
@@ -107,6 +108,10 @@ def write_model_card(
         lines += ["| attribute | accuracy | images |", "|---|---:|---:|"]
         lines += [f"| {name} | {value:.1%} | {count} |" for name, value, count in table.rows()]
         lines.append("")
+    recommended = read_generation_defaults(folder)
+    if recommended:
+        lines += ["`generation_defaults.json` makes these the settings of every request that leaves them unset: "
+                  + ", ".join(f"{name} = {json.dumps(value)}" for name, value in recommended.items()) + ".", ""]
     words = sorted(read_vocabulary(folder) or [])
     lines += ["## Vocabulary", "", "The words of its training captions (prompts with other words still generate,",
               "with a warning):", "", ", ".join(words), ""]
