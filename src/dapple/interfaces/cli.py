@@ -58,8 +58,8 @@ class GenerationOptions:
     steps = typer.Option(None, show_default=False, help="sampling steps, 1..150 [default: the model's, else "
                          f"{_defaults['steps'].default}]")
     # sampler, guidance and guidance_min_t left unset take the model folder's recommendation, else these defaults
-    guidance = typer.Option(None, "--guidance", "--cfg", show_default=False,
-                            help=f"CFG scale 0..30 [default: the model's, else {_defaults['guidance_scale'].default:g}]")
+    guidance = typer.Option(None, "--guidance", "--cfg", show_default=False, help="CFG scale 0..30 [default: the "
+                            f"model's, else {_defaults['guidance_scale'].default:g}]")
     guidance_min_t = typer.Option(None, "--guidance-min-t", show_default=False,
                                   help="guide only steps at timesteps >= this, 0..1000 [default: the model's, else 0: "
                                   "every step]")
