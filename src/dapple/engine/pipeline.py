@@ -143,8 +143,9 @@ class Pipeline:
         callback: StepCallback | None = None,
         cancel: CancelToken | None = None,
     ) -> GenerationResult:
-        """Text-to-image. Arguments left as None take GenerationRequest's defaults (20 steps, CFG 7,
-        "DPM++ 2M Karras", random seed, the model's native size). `hires` turns on hires fix: a scale (2.0), a
+        """Text-to-image. Arguments left as None take the model folder's recommendation where it has one
+        (generation_defaults.json), else GenerationRequest's defaults (20 steps, CFG 7, "DPM++ 2M Karras",
+        random seed, the model's native size). `hires` turns on hires fix: a scale (2.0), a
         Hires(scale, upscaler, steps, strength) or a dict of those. guidance_min_timestep: guide only the steps
         at t >= this (a guidance interval; default 0, every step). `callback` is called after every step with
         a StepContext (step, total, latents, denoised, preview(), phase); `cancel` stops the run between steps."""

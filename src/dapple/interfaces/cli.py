@@ -87,6 +87,7 @@ def _run_and_save(fields: dict, *, model: Optional[Path], out: Path, device: Opt
     from tqdm import tqdm
 
     import dapple
+    from dapple.models.generation_defaults import unset_recommendations
     from dapple.samplers import resolve_sampler
     from dapple.service.outputs import save_result
 
@@ -108,8 +109,7 @@ def _run_and_save(fields: dict, *, model: Optional[Path], out: Path, device: Opt
                 bars[context.phase] = tqdm(total=context.total, desc=context.phase, unit="step", file=sys.stderr)
             bars[context.phase].update(1)
 
-        recommended = {name: value for name, value in pipe.components.generation_defaults.items()
-                       if name not in request.model_fields_set}
+        recommended = unset_recommendations(request, pipe.components.generation_defaults)
         if recommended:
             typer.echo("the model's recommended settings: " + ", ".join(f"{name}={value}" for name, value
                                                                         in recommended.items()), err=True)

@@ -14,6 +14,7 @@ from typing import Any
 
 from dapple.errors import DappleError, ModelLoadError
 from dapple.request import GenerationRequest, make_request
+from dapple.samplers import resolve_sampler
 
 GENERATION_DEFAULTS_FILE = "generation_defaults.json"
 # The fields a model may recommend: how to sample it, not what to draw.
@@ -26,11 +27,6 @@ def _checked(settings: Mapping[str, Any], where: str) -> dict[str, Any]:
         raise ModelLoadError(f"{where}: cannot recommend {', '.join(unknown)}; allowed: {', '.join(RECOMMENDABLE)}")
     try:
         request = make_request(**settings)
-    except DappleError as error:
-        raise ModelLoadError(f"{where}: {error}") from None
-    from dapple.samplers import resolve_sampler
-
-    try:
         resolve_sampler(request.sampler)
     except DappleError as error:
         raise ModelLoadError(f"{where}: {error}") from None
@@ -57,7 +53,12 @@ def read_generation_defaults(folder: Path) -> dict[str, Any]:
     return _checked(settings, str(path))
 
 
+def unset_recommendations(request: GenerationRequest, defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """The model's recommendations for the fields the request leaves unset: what with_model_defaults changes."""
+    return {name: value for name, value in defaults.items() if name not in request.model_fields_set}
+
+
 def with_model_defaults(request: GenerationRequest, defaults: Mapping[str, Any]) -> GenerationRequest:
     """The request with the model's recommendation in every field the caller left unset."""
-    update = {name: value for name, value in defaults.items() if name not in request.model_fields_set}
+    update = unset_recommendations(request, defaults)
     return request.model_copy(update=update) if update else request

@@ -20,8 +20,8 @@ import transformers
 from dapple.errors import ModelLoadError, PickleRefusedError
 from dapple.models.components import Components
 from dapple.models.devices import resolve_device, resolve_dtype, to_owned_channels_last
-from dapple.models.tokenizer import folder_tokenizer
 from dapple.models.generation_defaults import read_generation_defaults
+from dapple.models.tokenizer import folder_tokenizer
 from dapple.models.vocabulary import read_vocabulary
 
 WEIGHT_COMPONENTS = ("text_encoder", "unet", "vae")
