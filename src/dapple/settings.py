@@ -22,3 +22,4 @@ class Settings:
     limits: Limits = field(default_factory=Limits)
     allow_pickle: bool = False
     models_dir: Path | None = None  # an A1111 or ComfyUI folder (dapple.models.library)
+    threads: int | None = None  # torch's CPU threads; None lets dapple.load pick (dapple.models.devices)
