@@ -52,8 +52,12 @@ def test_vae_round_trip_reports_its_psnr_and_ratio(pipe, tmp_path) -> None:
         latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.components.latent_scaling_factor
     expected = images_psnr(image, pipe.decode_latents(latents)[0])
     assert result.numbers["psnr"] == pytest.approx(expected, abs=1e-9)
+    with torch.inference_mode():  # the sampled column: diffusers' own posterior sample with the same seed
+        sample = pipe.vae.encode(pixels).latent_dist.sample(torch.Generator().manual_seed(0))
+    expected = images_psnr(image, pipe.decode_latents(sample * pipe.components.latent_scaling_factor)[0])
+    assert result.numbers["psnr_sampled"] == pytest.approx(expected, abs=1e-6)
     sheet = Image.open(result.files[0])
-    assert sheet.width > 7 * 128 and sheet.height > 128  # 3 pictures + 4 latent channels, enlarged
+    assert sheet.width > 8 * 128 and sheet.height > 128  # 4 pictures + 4 latent channels, enlarged
 
 
 def test_forward_noise_grid_has_a_row_per_space(pipe, tmp_path) -> None:

@@ -33,10 +33,15 @@ def _fit(pipe, image: Image.Image) -> Image.Image:
 
 
 @torch.inference_mode()
-def _encode(pipe, image: Image.Image) -> torch.Tensor:
-    """Scaled latents (posterior mean) of one image."""
+def _encode(pipe, image: Image.Image, seed: int | None = None) -> torch.Tensor:
+    """Scaled latents of one image: the posterior mean, or with a seed a sample of the posterior (what img2img
+    and inpainting encode with, as diffusers does)."""
     pixels = to_vae_tensor([image]).to(pipe.device, pipe.vae.dtype)
-    return pipe.vae.encode(pixels).latent_dist.mean * pipe.components.latent_scaling_factor
+    posterior = pipe.vae.encode(pixels).latent_dist
+    if seed is None:
+        return posterior.mean * pipe.components.latent_scaling_factor
+    noise = torch.randn(posterior.mean.shape, generator=torch.Generator().manual_seed(seed)).to(posterior.mean)
+    return (posterior.mean + posterior.std * noise) * pipe.components.latent_scaling_factor
 
 
 @torch.inference_mode()
@@ -54,23 +59,29 @@ def _channel_tiles(latents: torch.Tensor) -> list[Image.Image]:
 
 
 def vae_round_trip(pipe, image: Image.Image, out: Path) -> Inspection:
-    """Encode and decode an image: original, reconstruction, absolute error (x4) and the latent channels."""
+    """Encode and decode an image: original, reconstruction from the posterior mean, absolute error (x4), the
+    reconstruction from a posterior sample (img2img's and inpainting's encoding: a VAE whose posterior std is too
+    wide decodes noise there) and the latent channels."""
     image = _fit(pipe, image)
     latents = _encode(pipe, image)
     reconstruction = _decode(pipe, latents)[0]
+    sampled = _decode(pipe, _encode(pipe, image, seed=0))[0]
     error = np.abs(np.asarray(image, np.int16) - np.asarray(reconstruction, np.int16))
     error_image = Image.fromarray(np.clip(error * 4, 0, 255).astype(np.uint8))
-    psnr = images_psnr(image, reconstruction)
+    psnr, sampled_psnr = images_psnr(image, reconstruction), images_psnr(image, sampled)
     ratio = compression_ratio((3, image.height, image.width), latents.shape[1:])
     channels = latents.shape[1]
-    cells = [[image, reconstruction, error_image, *_channel_tiles(latents)]]
-    labels = ["original", "decoded", "|error| x4", *[f"latent {c}" for c in range(channels)]]
+    cells = [[image, reconstruction, error_image, sampled, *_channel_tiles(latents)]]
+    labels = ["original", "decoded", "|error| x4", "from a sample", *[f"latent {c}" for c in range(channels)]]
     title = (f"VAE: 3x{image.height}x{image.width} -> {channels}x{latents.shape[2]}x{latents.shape[3]}, "
-             f"compression {ratio:g}x, PSNR {psnr:.2f} dB")
+             f"compression {ratio:g}x, PSNR {psnr:.2f} dB (sampled {sampled_psnr:.2f})")
     sheet = labelled_grid(cells, labels, title=title, cell_size=image.width)
-    return Inspection(files=[save_image(sheet, out / "vae.png")], numbers={"psnr": psnr, "compression": ratio},
+    return Inspection(files=[save_image(sheet, out / "vae.png")],
+                      numbers={"psnr": psnr, "psnr_sampled": sampled_psnr, "compression": ratio},
                       lines=[f"compression ratio: {ratio:g} (3x{image.height}x{image.width} pixels -> "
-                             f"{channels}x{latents.shape[2]}x{latents.shape[3]} latents)", f"PSNR: {psnr:.2f} dB"])
+                             f"{channels}x{latents.shape[2]}x{latents.shape[3]} latents)",
+                             f"PSNR: {psnr:.2f} dB from the posterior mean, {sampled_psnr:.2f} dB from a sample "
+                             "(img2img and inpainting encode by sampling)"])
 
 
 def forward_noise(pipe, image: Image.Image, out: Path, timesteps: Sequence[int] = (0, 50, 150, 300, 500, 750, 999),

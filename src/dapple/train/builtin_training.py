@@ -1,7 +1,8 @@
 """Train the built-in model from scratch on the shapes world: the VAE first, then text encoder and UNet jointly.
 
 Stage 1, VAE (Kingma & Welling, 2014; SD's AutoencoderKL): reconstruction MSE plus a small KL term, decoding the
-posterior mean. Its latents' standard deviation sets the scaling factor, as in Rombach et al. (2022).
+posterior mean. Its latents' standard deviation sets the scaling factor, as in Rombach et al. (2022). Export
+gives the posterior the std its decoder tolerates (vae_posterior.py), so img2img's sampled latents decode cleanly.
 Stage 2, diffusion (Ho et al., 2020) on SD's scaled_linear betas rescaled to zero terminal SNR, with
 v-prediction (Salimans & Ho, 2022; Lin et al., 2024, "Common Diffusion Noise Schedules and Sample Steps are
 Flawed"): the text encoder and UNet learn together; ~10% of captions are emptied so that classifier-free guidance
@@ -41,6 +42,7 @@ from dapple.train.data.captions import caption_for
 from dapple.train.data.shapes import ShapesWorld
 from dapple.train.evaluate import evaluate_reconstructions
 from dapple.train.noise import multires_noise
+from dapple.train.vae_posterior import calibrate_posterior_std
 
 
 @dataclass(frozen=True)
@@ -479,10 +481,13 @@ class BuiltinTrainer:
         return self.export(self.out_dir / "model")
 
     def export(self, folder: Path, dtype: torch.dtype = torch.float16) -> Path:
-        """Write the EMA weights as a diffusers folder."""
+        """Write the EMA weights as a diffusers folder, the VAE with a calibrated posterior std."""
         unet, text_encoder = copy.deepcopy(self.unet), copy.deepcopy(self.text_encoder)
         self.ema_unet.copy_to(unet.parameters())
         self.ema_text.copy_to(text_encoder.parameters())
         vae = copy.deepcopy(self.vae)
+        calibration_images = images_to_tensor(
+            [s.image for s in ShapesWorld(seed=self.config.seed + 2, split="train").scenes(0, 256)]).to(self.device)
+        calibrate_posterior_std(vae, calibration_images)  # its samples decode like its mean (vae_posterior.py)
         return export_diffusers_folder(folder, vae.cpu().eval(), text_encoder.cpu().eval(), unet.cpu().eval(), dtype,
                                        scheduler_config=builtin_schedule_config(self.config))
