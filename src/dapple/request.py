@@ -248,3 +248,6 @@ class GenerationResult:
     request: GenerationRequest
     timings: dict[str, float] = field(default_factory=dict)
     pixels: Any = None  # torch.Tensor (batch, 3, H, W), float32 in [0, 1]: the images before 8-bit rounding
+    # The model folder's recommended settings that filled fields the caller left unset (generation_defaults.json):
+    # {"sampler": "DPM++ 2M", ...}; empty when the request set them all or the model recommends nothing.
+    recommended: dict[str, Any] = field(default_factory=dict)

@@ -12,6 +12,7 @@ write that loop by hand (examples/handwritten_loop.py) and get the same image as
 from __future__ import annotations
 
 import gc
+import logging
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -29,12 +30,13 @@ from dapple.engine.prompt_syntax import ExtraNetwork, extract_extra_networks
 from dapple.errors import GenerationCancelled, InvalidRequestError
 from dapple.models.components import Components
 from dapple.models.embeddings import EMBEDDING_HASH_LENGTH, EMBEDDING_SUFFIXES, install, name_pattern, read_embedding
-from dapple.models.generation_defaults import with_model_defaults
+from dapple.models.generation_defaults import unset_recommendations, with_model_defaults
 from dapple.models.lora import LORA_HASH_LENGTH, LoraLayer, LoraPatcher, find_in_folders, read_lora
 from dapple.request import DEFAULT_SAMPLER, GenerationRequest, GenerationResult, Hires, Limits, make_request
 from dapple.samplers import create_scheduler
 
 StepCallback = Callable[[StepContext], None]
+logger = logging.getLogger("dapple")
 
 
 class Pipeline:
@@ -52,6 +54,12 @@ class Pipeline:
         self.embedding_dirs: list[Path] = [Path(folder) for folder in embedding_dirs]  # textual inversion
         self._installed_embeddings: set[tuple[str, int, int]] = set()
         self._allow_pickle = allow_pickle
+
+    @property
+    def recommended_settings(self) -> dict[str, Any]:
+        """The model folder's recommended sampler, steps, CFG and guidance interval (generation_defaults.json):
+        what generate() uses for the ones a request leaves unset. {} for models that recommend nothing."""
+        return dict(self.components.generation_defaults)
 
     # -- the components, as diffusers users know them ------------------------------------------------------
     @property
@@ -213,6 +221,10 @@ class Pipeline:
     ) -> GenerationResult:
         """Run a prepared request (the entry point the CLI and servers use). Fields the request leaves unset take
         the model folder's recommended settings, where it has some (generation_defaults.json)."""
+        recommended = unset_recommendations(request, self.components.generation_defaults)
+        if recommended:
+            logger.info("%s: the model's recommended settings for what the request left unset: %s",
+                        self.components.name, ", ".join(f"{name}={value}" for name, value in recommended.items()))
         request = with_model_defaults(request, self.components.generation_defaults)
         self.limits.check(request)
         if request.model is not None and request.model != self.components.name:
@@ -227,7 +239,9 @@ class Pipeline:
             hooks.after_step.setdefault("callback", callback)
         try:
             with torch.inference_mode():
-                return run_request(self.components, request, hooks, self.limits)
+                result = run_request(self.components, request, hooks, self.limits)
+            result.recommended = recommended
+            return result
         except GenerationCancelled as error:
             # The traceback's frames still hold the run's latents; clear them so the memory is returned now,
             # even while the caller keeps the exception.
