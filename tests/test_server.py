@@ -101,7 +101,9 @@ def test_limits_and_unknown_ids(client) -> None:
     assert client.get("/api/v1/jobs?status=lost").status_code == 422
     assert client.get("/api/v1/health").json()["status"] == "ok"
     assert "Euler a" in client.get("/api/v1/samplers").json()
-    assert client.get("/api/v1/models").json() == [{"name": "model", "default": True, "loaded": False}]
+    assert client.get("/api/v1/models").json() == [{
+        "name": "model", "default": True, "loaded": True, "native_size": 64, "model_recommends": {},
+        "recommended": {"sampler": "DPM++ 2M Karras", "steps": 20, "guidance_scale": 7.0, "guidance_min_timestep": 0}}]
     unknown = client.post("/api/v1/jobs", json={**FAST, "model": "nope"})
     assert unknown.status_code == 404 and unknown.json()["valid"] == ["model"]
     assert "/api/v1/jobs" in client.get("/openapi.json").json()["paths"]
@@ -137,12 +139,81 @@ def test_basic_auth_guards_every_route_and_cors_is_off_by_default(tmp_path, pipe
 def test_studio_page_is_served_and_uses_only_the_native_api(client) -> None:
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-    for element in ('id="prompt"', 'id="sampler"', 'id="mask"', 'id="gallery"', "EventSource", "Ctrl+Enter"):
+    for element in ('id="prompt"', 'id="sampler"', 'id="mask"', 'id="gallery"', "Ctrl</kbd>+<kbd>Enter",
+                    'href="/studio/studio.css"', 'src="/studio/studio.js"', 'rel="icon" href="/favicon.ico"'):
         assert element in page.text
-    assert "/sdapi" not in page.text and "http://" not in page.text and "https://" not in page.text
+    script = client.get("/studio/studio.js")
+    style = client.get("/studio/studio.css")
+    assert script.headers["content-type"].startswith("text/javascript") and "EventSource" in script.text
+    assert style.headers["content-type"].startswith("text/css")
+    for text in (page.text, script.text, style.text):  # no network: nothing from elsewhere, only the native API
+        assert "/sdapi" not in text and "http://" not in text and "https://" not in text and "//cdn" not in text
     job = finished(client, client.post("/api/v1/jobs", json=FAST).json()["id"])
     entry = client.get("/api/v1/images").json()[0]
     assert entry["id"] == job["image_ids"][0] and entry["parameters"]["Seed"] == 3  # for "use these settings"
+
+
+def test_studio_files_are_served_by_name_only_and_the_favicon_exists(client) -> None:
+    favicon = client.get("/favicon.ico")
+    assert favicon.status_code == 200 and favicon.headers["content-type"] == "image/x-icon"
+    assert Image.open(io.BytesIO(favicon.content)).format == "ICO"
+    for path in ("/studio/index.html", "/studio/nope.js", "/studio/..%2Fserver.py", "/studio/../server.py"):
+        assert client.get(path).status_code == 404, path
+
+
+def test_the_studio_offers_every_field_and_choice_of_the_job_api(client) -> None:
+    """Each request field is sent by the studio (depth2img's depth map excepted: no depth tab yet), and each
+    choice the request accepts is an option of its select."""
+    from dapple.request import HIRES_UPSCALERS, INPAINTING_FILLS, RESIZE_MODES, GenerationRequest
+
+    page, script = client.get("/").text, client.get("/studio/studio.js").text
+    missing = [name for name in GenerationRequest.model_fields if name != "depth_map" and f"{name}" not in script]
+    assert missing == []
+    for choices in (HIRES_UPSCALERS, INPAINTING_FILLS, RESIZE_MODES):
+        for choice in choices:
+            assert f'value="{choice}"' in page or f"<option>{choice}</option>" in page or \
+                f"<option selected>{choice}</option>" in page, choice
+
+
+def test_models_say_what_they_recommend_without_loading(tmp_path, pipe) -> None:
+    """Each entry of /models carries the settings a job that leaves them unset runs with: a folder model's
+    generation_defaults.json over the request defaults, read without loading the model; a bad file is named."""
+    from dapple.models.generation_defaults import write_generation_defaults
+    from dapple.models.library import ModelFolders
+    from dapple.models.tiny import save_tiny_model
+    from dapple.service.models import ModelPool
+
+    checkpoints = tmp_path / "webui" / "models" / "Stable-diffusion"
+    write_generation_defaults(save_tiny_model(checkpoints / "other", seed=5), {"sampler": "Euler a", "steps": 9})
+    (save_tiny_model(checkpoints / "broken", seed=6) / "generation_defaults.json").write_text('{"prompt": "x"}')
+    loads = []
+    pool = ModelPool(lambda: pipe, "tiny", ModelFolders.from_root(tmp_path / "webui"),
+                     lambda path: loads.append(path) or pipe)
+    service = JobService(tmp_path / "data", lambda: pipe, models=pool)
+    with TestClient(create_app(service, model_name="tiny")) as client:
+        entries = {entry["name"]: entry for entry in client.get("/api/v1/models").json()}
+    assert set(entries) == {"tiny", "other", "broken"} and loads == []
+    assert entries["other"]["model_recommends"] == {"sampler": "Euler a", "steps": 9}
+    assert entries["other"]["recommended"] == {"sampler": "Euler a", "steps": 9, "guidance_scale": 7.0,
+                                               "guidance_min_timestep": 0}
+    assert entries["other"]["loaded"] is False and entries["other"]["native_size"] is None
+    assert entries["tiny"]["recommended"]["sampler"] == "DPM++ 2M Karras" and entries["tiny"]["native_size"] == 64
+    assert "cannot recommend prompt" in entries["broken"]["error"] and entries["broken"]["model_recommends"] == {}
+
+
+def test_the_built_in_model_recommends_its_cards_settings(tmp_path) -> None:
+    """The studio pre-fills what /models says: for the built-in model, its card's DPM++ 2M, CFG 5 and guidance at
+    t >= 600, not the request defaults (DPM++ 2M Karras, CFG 7, every step)."""
+    import dapple
+    from dapple.api import BUILTIN_MODEL_DIR
+
+    builtin = dapple.load(BUILTIN_MODEL_DIR, device="cpu")
+    service = JobService(tmp_path / "data", lambda: builtin)
+    with TestClient(create_app(service, model_name=builtin.components.name)) as client:
+        [entry] = client.get("/api/v1/models").json()
+    assert entry["recommended"] == {"sampler": "DPM++ 2M", "steps": 20, "guidance_scale": 5.0,
+                                    "guidance_min_timestep": 600}
+    assert entry["native_size"] == builtin.components.native_size
 
 
 def test_jobs_name_models_from_the_models_folder(tmp_path, pipe) -> None:

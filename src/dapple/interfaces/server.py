@@ -3,7 +3,9 @@ the job service (FastAPI; OpenAPI at /docs).
 
 POST /api/v1/jobs -> 202 {id, status, position}; GET /jobs/{id}; GET /jobs?status=; DELETE /jobs/{id} (cancel);
 GET /jobs/{id}/events (server-sent events); GET /images (gallery, newest first); GET /images/{id} (PNG with
-infotext); GET /images/{id}/thumbnail; DELETE /images/{id}; GET /samplers, /health.
+infotext); GET /images/{id}/thumbnail; DELETE /images/{id}; GET /samplers, /health; GET /models (each with the
+settings the model recommends, which the studio pre-fills). The studio is "/" (static files from studio/, and
+/favicon.ico).
 Bad input never reaches the worker: 422 names the field and what is allowed, 404 lists valid names, 429 asks the
 client to retry, 413 refuses oversized bodies. Files are served by id only.
 """
@@ -27,16 +29,20 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from PIL import Image
 
 from dapple.engine.images import check_encoded_image
-from dapple.errors import InvalidRequestError, UnknownSamplerError
+from dapple.errors import InvalidRequestError, ModelLoadError, UnknownSamplerError
 from dapple.infotext import parse_infotext
 from dapple.interfaces import a1111
+from dapple.models.generation_defaults import RECOMMENDABLE, read_generation_defaults
 from dapple.request import GenerationRequest
 from dapple.samplers import sampler_names
 from dapple.service.jobs import STATUSES, Job, JobNotFoundError, JobService, QueueFullError
 from dapple.service.models import UnknownModelError
 
 DEFAULT_MAX_BODY = 32 * 1024 * 1024
-STUDIO = Path(__file__).with_name("studio") / "index.html"
+STUDIO_DIR = Path(__file__).with_name("studio")
+STUDIO = STUDIO_DIR / "index.html"
+# The studio's static files, served by these names only (never a client-supplied path).
+STUDIO_FILES = {"studio.css": "text/css", "studio.js": "text/javascript"}
 
 
 IMAGE_FIELDS = ("init_image", "mask", "depth_map")
@@ -58,6 +64,13 @@ def _job_view(job: Job) -> dict[str, Any]:
     view["request"] = request
     view["image_ids"] = list(job.image_ids)
     return view
+
+
+def recommended_settings(recommendation: dict[str, Any]) -> dict[str, Any]:
+    """What a job that leaves the recommendable fields unset runs with: the model's recommendation where it has
+    one, else GenerationRequest's defaults (sampler, steps, guidance_scale, guidance_min_timestep)."""
+    fields = GenerationRequest.model_fields
+    return {name: recommendation.get(name, fields[name].default) for name in RECOMMENDABLE}
 
 
 def _error(status: int, message: str, **extra: Any) -> JSONResponse:
@@ -138,20 +151,57 @@ def create_app(service: JobService, *, max_body: int = DEFAULT_MAX_BODY, model_n
 
     @app.get("/", include_in_schema=False)
     def studio() -> FileResponse:
-        """The web studio: one static page on the native API (no build step, no network)."""
+        """The web studio: static files on the native API (no build step, no network)."""
         return FileResponse(STUDIO, media_type="text/html")
+
+    @app.get("/studio/{name}", include_in_schema=False)
+    def studio_file(name: str) -> FileResponse:
+        if name not in STUDIO_FILES:
+            raise JobNotFoundError(f"no studio file {name!r}")
+        return FileResponse(STUDIO_DIR / name, media_type=STUDIO_FILES[name])
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon() -> FileResponse:
+        return FileResponse(STUDIO_DIR / "favicon.ico", media_type="image/x-icon")
 
     @app.get("/api/v1/health")
     def health() -> dict[str, Any]:
         return {"status": "ok", "queued": len(service.list("queued", limit=10_000))}
 
+    recommendations: dict[str, dict[str, Any]] = {}  # model name -> its folder's recommendation, read once
+
+    def recommendation(name: str, default_components: Any) -> dict[str, Any]:
+        """The settings a model recommends (generation_defaults.json): the default model's as it was loaded,
+        a folder model's read from its folder without loading it (a single file recommends nothing)."""
+        if name not in recommendations:
+            if name == service.models.default_name:
+                recommendations[name] = dict(getattr(default_components, "generation_defaults", {}))
+            else:
+                path = service.models.path(name)
+                recommendations[name] = read_generation_defaults(path) if path is not None and path.is_dir() else {}
+        return recommendations[name]
+
     @app.get("/api/v1/models")
     def models() -> list[dict[str, Any]]:
         """The models a job may name (`model`): the server's default first, then its models folder's
-        checkpoints; `loaded` ones start without a load."""
+        checkpoints; `loaded` ones start without a load. `recommended`: the sampler, steps, guidance_scale and
+        guidance_min_timestep a job that leaves them unset runs with (the model folder's own recommendation,
+        `model_recommends`, over the request's defaults). `native_size`: the size of a job that leaves width and
+        height unset (the default model's; null for a folder model, which is not loaded to find out)."""
+        default_components = getattr(service.models.get(None), "components", None)  # loaded at start
         loaded = set(service.models.loaded())
-        return [{"name": name, "default": index == 0, "loaded": name in loaded}
-                for index, name in enumerate(service.models.names())]
+        entries = []
+        for index, name in enumerate(service.models.names()):
+            entry: dict[str, Any] = {"name": name, "default": index == 0, "loaded": name in loaded}
+            try:
+                own = recommendation(name, default_components)
+            except ModelLoadError as error:  # a bad generation_defaults.json: say so, the others still list
+                own, entry["error"] = {}, str(error)
+            native = getattr(default_components, "native_size", None) if index == 0 else None
+            entry.update(recommended=recommended_settings(own), model_recommends=own,
+                         native_size=native if isinstance(native, int) else None)
+            entries.append(entry)
+        return entries
 
     @app.get("/api/v1/samplers")
     def samplers() -> list[str]:
