@@ -344,14 +344,21 @@ def test_escape_cancels_and_the_preview_does_not_stay(browser, studio_url) -> No
 def test_gallery_search_reuse_and_delete(browser, studio_url) -> None:
     studio = Studio(browser, studio_url)
     page = studio.page
-    for prompt, seed in (("zebra stripes in a field", "11"), ("a yellow square", "12")):
+    for prompt, seed, batch in (("zebra stripes in a field", "11", "1"), ("a yellow square", "12", "2")):
         before = studio.cards()
         studio.field("Prompt").fill(prompt)
         studio.field("Sampling steps").fill("3")
         studio.field("Seed").fill(seed)
+        studio.field("Batch size").fill(batch)
         studio.submit()
-        studio.wait_for_result(before)
+        studio.wait_for_result(before + int(batch) - 1)
     total = studio.cards()
+    # A batch: both images in the strip, the first on the stage, the second a click away.
+    strip = page.locator("#result-strip img")
+    assert strip.count() == 2 and [strip.nth(i).get_attribute("alt") for i in (0, 1)] == ["seed 12", "seed 13"]
+    strip.nth(1).click()
+    assert "Seed: 13" in page.inner_text("#result-info")
+    assert page.get_attribute("#result", "src") == f"/api/v1/images/{strip.nth(1).get_attribute('data-id')}"
     page.locator("h2", has_text="Gallery").click()  # out of the seed field: "/" there is a character
     page.keyboard.press("/")  # focuses the search
     page.keyboard.type("ZEBRA seed: 11")  # words in any case, anywhere in the infotext
@@ -365,6 +372,11 @@ def test_gallery_search_reuse_and_delete(browser, studio_url) -> None:
     page.locator(".card").get_by_role("button", name="Reuse settings").click()
     assert studio.field("Prompt").input_value() == "zebra stripes in a field"
     assert studio.field("Seed").input_value() == "11" and studio.field("Sampling steps").input_value() == "3"
+
+    page.locator(".card").get_by_role("button", name="To img2img").click()  # the image becomes the source
+    page.wait_for_selector("#canvas-wrap:not([hidden])")
+    assert page.get_by_role("tab", name="img2img").get_attribute("aria-selected") == "true"
+    assert page.inner_text("#source-size") == "64×64"
 
     image_id = page.locator(".card").get_attribute("data-id")
     delete = page.locator(".card").get_by_role("button", name=f"Delete image {image_id}")

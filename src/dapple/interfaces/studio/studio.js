@@ -300,7 +300,9 @@ async function cancel() {
 }
 
 function follow(id) {
+  // The page follows its newest job: an older one that is still running only refreshes the gallery when it ends.
   state.job = id;
+  const current = () => state.job === id;
   const started = performance.now();
   $("cancel").disabled = false;
   $("progress").value = 0;
@@ -308,31 +310,34 @@ function follow(id) {
   const events = new EventSource(`/api/v1/jobs/${id}/events?previews=true`);
   events.addEventListener("queued", (message) => {
     const event = JSON.parse(message.data);
-    setStatus(event.position ? `Queued: ${event.position} ahead` : "Queued: next");
+    if (current()) setStatus(event.position ? `Queued: ${event.position} ahead` : "Queued: next");
   });
-  events.addEventListener("started", () => setStatus("Starting…"));
+  events.addEventListener("started", () => { if (current()) setStatus("Starting…"); });
   events.addEventListener("progress", (message) => {
+    if (!current()) return;
     const event = JSON.parse(message.data);
     $("progress").value = event.step / event.steps;
     setStatus(`${event.phase === "hires" ? "Hires. fix " : ""}Step ${event.step}/${event.steps}`);
-    if (event.preview && state.job === id) showPreview("data:image/png;base64," + event.preview);
+    if (event.preview) showPreview("data:image/png;base64," + event.preview);
   });
   const end = async (kind, message) => {
     events.close();
     const event = JSON.parse(message.data);
-    if (state.job === id) { state.job = null; $("cancel").disabled = true; }
+    const mine = current();
+    if (mine) { state.job = null; $("cancel").disabled = true; }
     await refreshGallery();
+    refreshQueue();
+    if (!mine) return;
     if (kind === "finished") {
       $("progress").value = 1;
       setStatus(`Done in ${((performance.now() - started) / 1000).toFixed(1)} s`);
-      showResults(event.images);
+      showResults(event.images);  // the final image takes the preview's place
     } else {
       $("progress").value = 0;
       setStatus(kind === "failed" ? "Failed" : "Cancelled");
       if (kind === "failed") showError(event.error);
       if ($("stage").dataset.state === "preview") showEntry(state.shown);  // the preview never stays behind
     }
-    refreshQueue();
   };
   for (const kind of ["finished", "failed", "cancelled"]) events.addEventListener(kind, (message) => end(kind, message));
 }
@@ -494,7 +499,7 @@ function card(entry) {
     return b;
   };
   button("Reuse settings", () => useSettings(entry.parameters), "reuse");
-  button("img2img", () => sendToMode(entry, "img2img"), "to-img2img").title = "Send to img2img";
+  button("To img2img", () => sendToMode(entry, "img2img"), "to-img2img").title = "Send to img2img";
   const remove = button("Delete", async () => {
     if (!remove.classList.contains("confirm")) {  // two clicks: the first asks
       remove.classList.add("confirm");
