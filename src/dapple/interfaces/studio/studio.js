@@ -575,7 +575,7 @@ function setup() {
   loadModelsAndSamplers().catch((error) => showError(`could not load models: ${error}`));
   refreshGallery();
   refreshQueue();
-  setInterval(refreshQueue, 2000);
+  setInterval(() => refreshQueue().catch(() => {}), 2000);  // a server restart must not flood the console
 }
 
 setup();
