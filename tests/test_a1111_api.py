@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import io
+import json
 import socket
 import threading
 import time
@@ -143,3 +146,24 @@ def test_translate_sets_every_sampling_field_as_a1111_does() -> None:
     fields, _ = translate({"prompt": "x"}, "txt2img")
     assert {key: fields[key] for key in ("sampler", "steps", "guidance_scale", "guidance_min_timestep")} == {
         "sampler": "Euler", "steps": 50, "guidance_scale": 7.0, "guidance_min_timestep": 0}
+
+
+def test_a_size_left_out_entirely_is_the_models_native_size_and_half_a_size_is_a1111s_512() -> None:
+    fields, _ = translate({"prompt": "x"}, "txt2img")
+    assert "width" not in fields and "height" not in fields  # the engine picks the model's native size
+    fields, _ = translate({"prompt": "x", "width": 64}, "txt2img")
+    assert (fields["width"], fields["height"]) == (64, 512)
+    fields, _ = translate({"prompt": "x", "width": None, "height": 0, "enable_hr": True, "hr_resize_x": 1024},
+                          "txt2img")  # a hires target size is relative to A1111's 512 base
+    assert (fields["width"], fields["height"], fields["hires_scale"]) == (512, 512, 2.0)
+
+
+def test_a_txt2img_body_without_a_size_draws_at_the_native_size(live) -> None:
+    import requests
+
+    api = live[0]
+    answer = requests.post(f"{api.baseurl}/txt2img", json={"prompt": "a red circle", "steps": 2, "seed": 4})
+    assert answer.status_code == 200, answer.text
+    info = json.loads(answer.json()["info"])
+    image = Image.open(io.BytesIO(base64.b64decode(answer.json()["images"][0])))
+    assert image.size == (info["width"], info["height"]) == (64, 64)  # the tiny test model's native size

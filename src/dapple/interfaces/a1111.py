@@ -75,11 +75,17 @@ def translate(body: dict[str, Any], mode: str) -> tuple[dict[str, Any], list[str
         "sampler": sampler_name(body), "steps": int(body.get("steps") or 50),
         "guidance_scale": float(body.get("cfg_scale") if body.get("cfg_scale") is not None else 7.0),
         "guidance_min_timestep": 0,  # A1111 guides every step, whatever the model folder recommends
-        "width": int(body.get("width") or 512), "height": int(body.get("height") or 512), "batch_size": batch,
+        "batch_size": batch,
     }
+    # A1111 fills 512x512 for a size left out. A client that sends one of width/height gets A1111's 512 for the
+    # other; one that sends neither gets the model's native size (txt2img: 64 for the built-in model, 1024 for
+    # SDXL) or the init image's (img2img), as Dapple's other interfaces do, instead of 512 for every model.
+    resize_to = _set(body, "hr_resize_x") or _set(body, "hr_resize_y")
+    if _set(body, "width") or _set(body, "height") or (mode == "txt2img" and body.get("enable_hr") and resize_to):
+        fields.update(width=int(body.get("width") or 512), height=int(body.get("height") or 512))
     if mode == "txt2img" and body.get("enable_hr"):
         scale = float(body.get("hr_scale") or 2.0)
-        if _set(body, "hr_resize_x") or _set(body, "hr_resize_y"):  # a target size instead of a scale
+        if resize_to:  # a target size instead of a scale
             scale = max(int(body.get("hr_resize_x") or 0) / fields["width"],
                         int(body.get("hr_resize_y") or 0) / fields["height"])
         fields.update(hires_scale=scale, hires_upscaler=body.get("hr_upscaler") or "Latent",
@@ -153,7 +159,7 @@ def create_router(service: JobService, model_name: str, model_path: Path | None)
         images = [_png_base64(service.image_path(image_id)) for image_id in job.image_ids]
         infotexts = [entry["infotext"] for entry in ordered]
         seeds = [entry["seed"] for entry in ordered]
-        first = ordered[0] if ordered else {"width": fields["width"], "height": fields["height"]}
+        first = ordered[0] if ordered else {"width": fields.get("width"), "height": fields.get("height")}
         info = {
             "prompt": fields["prompt"], "all_prompts": [fields["prompt"]] * len(seeds),
             "negative_prompt": fields["negative_prompt"], "all_negative_prompts": [fields["negative_prompt"]] *
