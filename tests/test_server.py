@@ -70,8 +70,10 @@ def test_events_stream_until_the_job_ends(client) -> None:
 
 
 @pytest.mark.parametrize("body, status, message", [
-    ({**FAST, "steps": 500}, 422, "steps: Input should be less than or equal to 150"),
-    ({**FAST, "width": 100}, 422, "width: Input should be a multiple of 8"),
+    ({**FAST, "steps": 500}, 422, "steps=500 is invalid (Input should be less than or equal to 150); allowed: in 1..150"),
+    ({**FAST, "width": 100}, 422, "width=100 is invalid (Input should be a multiple of 8); allowed: multiples of 8 in "
+                                  "64..2048"),
+    ({**FAST, "guidance_scale": "x"}, 422, "allowed: in 0.0..30.0"),
     ({**FAST, "colour": "red"}, 422, "colour: Extra inputs are not permitted"),
     ({**FAST, "mask": "abc"}, 422, "mask needs init_image"),
     ({**FAST, "sampler": "Euler b"}, 404, "unknown sampler 'Euler b'"),

@@ -7,6 +7,7 @@ the API schema); a deployment can tighten them further with `Limits`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -185,12 +186,20 @@ def _allowed(field_name: str) -> str:
 
 def describe_validation_error(error: ValidationError) -> str:
     """One line per bad field: the field, the value, what was wrong and what is allowed."""
+    return describe_errors(error.errors())
+
+
+def describe_errors(errors: Sequence[Mapping[str, Any]], skip: tuple[str, ...] = ()) -> str:
+    """pydantic's error list in words, as describe_validation_error; `skip` drops location prefixes such as
+    FastAPI's "body"."""
     lines = []
-    for item in error.errors():
+    for item in errors:
         message = str(item["msg"]).removeprefix("Value error, ")
-        if not item["loc"]:  # a rule across fields (e.g. a mask without an image)
+        location = [part for part in item["loc"] if part not in skip]
+        if not location:  # a rule across fields (e.g. a mask without an image), or the body as a whole
             lines.append(f"invalid request: {message}")
             continue
+        item = {**item, "loc": tuple(location)}
         name = ".".join(str(part) for part in item["loc"])
         value = repr(item.get("input"))
         value = value if len(value) <= 60 else value[:57] + "..."

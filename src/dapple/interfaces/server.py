@@ -33,7 +33,7 @@ from dapple.errors import InvalidRequestError, ModelLoadError, UnknownSamplerErr
 from dapple.infotext import parse_infotext
 from dapple.interfaces import a1111
 from dapple.models.generation_defaults import RECOMMENDABLE, read_generation_defaults
-from dapple.request import GenerationRequest
+from dapple.request import GenerationRequest, describe_errors
 from dapple.samplers import sampler_names
 from dapple.service.jobs import STATUSES, Job, JobNotFoundError, JobService, QueueFullError
 from dapple.service.models import UnknownModelError
@@ -121,6 +121,9 @@ def create_app(service: JobService, *, max_body: int = DEFAULT_MAX_BODY, model_n
     async def validation_error(request: Request, error: RequestValidationError):
         lines = []
         for item in error.errors():
+            if len(item["loc"]) > 1 and item["loc"][0] == "body" and item["loc"][1] in GenerationRequest.model_fields:
+                lines.append(describe_errors([item], skip=("body",)))  # the field, its value, what is allowed
+                continue
             location = ".".join(str(part) for part in item["loc"] if part != "body")
             lines.append(f"{location or 'body'}: {item['msg']}")
         return _error(422, "; ".join(lines))
