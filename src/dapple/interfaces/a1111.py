@@ -1,4 +1,4 @@
-"""AUTOMATIC1111's HTTP API under /sdapi/v1 (../shared/specs/a1111-api.md), on the same job service.
+"""AUTOMATIC1111's HTTP API under /sdapi/v1 (docs/specs/a1111-api.md), on the same job service.
 
 A1111 requests are translated into GenerationRequest fields; the synchronous endpoints (txt2img, img2img) submit
 a job and wait for it, so these jobs are queued, persisted and shown in the gallery like any other. Fields Dapple
