@@ -100,8 +100,12 @@ def test_merge_and_convert_commands(tmp_path) -> None:
     torch.save({"w": torch.ones(3)}, tmp_path / "x.pt")
     result = runner.invoke(app, ["convert", str(tmp_path / "x.pt")])
     assert result.exit_code == 0 and "1 tensors written" in result.stderr
-    bad = runner.invoke(app, ["merge", str(a), str(tmp_path / "none.safetensors"), "--out", str(tmp_path / "o")])
+    bad = runner.invoke(app, ["merge", str(a), str(tmp_path / "none.safetensors"), "--out",
+                              str(tmp_path / "o.safetensors")])
     assert bad.exit_code == 2 and "does not exist" in bad.stderr
+    unnamed = runner.invoke(app, ["merge", str(a), str(b), "--out", str(tmp_path / "o")])
+    assert unnamed.exit_code == 2 and "the name must end in .safetensors" in unnamed.stderr
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("alpha, source", [(0.0, "a"), (1.0, "b")])

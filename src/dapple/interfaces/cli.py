@@ -5,7 +5,10 @@ Bad input ends with a one-line `error: ...` on stderr and exit code 2, never a t
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
+import math
 import sys
 import warnings
 from contextlib import contextmanager
@@ -28,14 +31,166 @@ USAGE_ERROR = 2
 _defaults = GenerationRequest.model_fields
 
 
+def say(text: str, err: bool = False) -> None:
+    """typer.echo, except that text holding bytes that are not UTF-8 (file names from the shell reach Python as
+    surrogates) is written as those bytes instead of failing."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        typer.echo(text.encode("utf-8", "surrogateescape"), err=err)
+    else:
+        typer.echo(text, err=err)
+
+
+def _os_error(error: OSError) -> str:
+    """An OSError as one sentence: what failed on which path ("cannot write /x: Permission denied")."""
+    if error.filename is None or not error.strerror:
+        return str(error)
+    return f"{error.filename}: {error.strerror}"
+
+
 @contextmanager
 def user_errors() -> Iterator[None]:
     """Turn the errors a user can cause into one line on stderr and exit code 2."""
     try:
         yield
-    except (DappleError, OSError, UnidentifiedImageError) as error:
-        typer.echo(f"error: {error}", err=True)
+    except (DappleError, UnidentifiedImageError) as error:
+        say(f"error: {error}", err=True)
         raise typer.Exit(USAGE_ERROR) from None
+    except OSError as error:
+        say(f"error: {_os_error(error)}", err=True)
+        raise typer.Exit(USAGE_ERROR) from None
+
+
+def fail(message: str) -> None:
+    """Stop with `error: message` and exit code 2 (for checks outside a user_errors block)."""
+    say(f"error: {message}", err=True)
+    raise typer.Exit(USAGE_ERROR)
+
+
+def _undecodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _refuse_undecodable_text(callback):
+    """Wrap a command so that a text argument that is not valid UTF-8 (bytes from the shell, e.g. $'\\xff') is
+    refused with one line instead of failing deep in the tokenizer. Paths may hold any bytes, as file names can."""
+    parameters = inspect.signature(callback).parameters
+
+    @functools.wraps(callback)
+    def checked(**kwargs):
+        for name, value in kwargs.items():
+            for each in value if isinstance(value, (list, tuple)) else [value]:
+                if isinstance(each, str) and _undecodable(each):
+                    declared = parameters[name].default
+                    flags = [d for d in getattr(declared, "param_decls", None) or () if d.startswith("--")]
+                    label = flags[0] if flags else (f"--{name.replace('_', '-')}" if isinstance(
+                        declared, typer.models.OptionInfo) else name.upper())
+                    raw = each.encode("utf-8", "surrogateescape")
+                    fail(f"{label} is not valid UTF-8 text ({raw!r}); give text in UTF-8 (check the terminal's "
+                         "or script's encoding)")
+        return callback(**kwargs)
+
+    return checked
+
+
+def check_device(device: Optional[str]) -> None:
+    """Refuse a device this machine does not have, before anything loads (torch would fail deep inside .to())."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        fail(f"--device {device!r} is unknown; allowed: cpu, cuda, cuda:N, mps")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only torch build" if torch.version.cuda is None else "no CUDA GPU visible"
+            fail(f"--device {device}: CUDA is not available here ({build}, torch {torch.__version__}); "
+                 "use --device cpu, or leave --device out to pick the best available")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            fail(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                 f"allowed: cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    elif parsed.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            fail(f"--device {device}: Apple's MPS is not available here; use --device cpu")
+    elif parsed.type != "cpu":
+        fail(f"--device {device!r} is not supported; allowed: cpu, cuda, cuda:N, mps")
+
+
+def check_output_folder(folder: Path, flag: str = "--out") -> None:
+    """An output folder may be missing (it is created) but neither it nor a parent may be a file."""
+    for each in (folder, *folder.parents):
+        if each.exists():
+            if not each.is_dir():
+                fail(f"{flag} {folder}: {each} is a file, not a folder; give a folder (it is created if missing)")
+            return
+
+
+def check_output_file(path: Path, flag: str, suffixes: tuple[str, ...]) -> None:
+    """An output file needs one of suffixes, must not be a folder, and its folder must be creatable."""
+    if path.is_dir() or not path.name:
+        fail(f"{flag} {path} is a folder; give a file name ending in {' or '.join(suffixes)}")
+    if path.suffix.lower() not in suffixes:
+        fail(f"{flag} {path}: the name must end in {' or '.join(suffixes)}")
+    check_output_folder(path.parent, flag)
+
+
+def _safetensors_keys(path: Path, flag: str) -> list[str]:
+    """The tensor names of a .safetensors file (its header only), or one line saying that it is damaged."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return list(handle.keys())
+    except Exception as error:  # safetensors raises its own error type (SafetensorError) for a damaged header
+        fail(f"{flag} {path} is not a readable .safetensors file ({str(error).splitlines()[0]})")
+
+
+def check_model_file(model: Optional[Path], flag: str = "--model") -> None:
+    """A single-file checkpoint's header is read before loading, so that a damaged file is one line."""
+    if model is not None and model.is_file() and model.suffix.lower() == ".safetensors":
+        _safetensors_keys(model, flag)
+
+
+def check_utf8_path(path: Path, flag: str) -> None:
+    """Folders that get a tokenizer written into them need a UTF-8 name: the tokenizers library cannot write to
+    any other."""
+    if _undecodable(str(path)):
+        fail(f"{flag} {path} is not a valid UTF-8 name, which the tokenizer files cannot be written under; "
+             "choose a UTF-8 name")
+
+
+def check_vae_file(vae: Optional[Path]) -> None:
+    """--vae takes an original-layout VAE file (as A1111's models/VAE holds) or a diffusers folder. A diffusers
+    VAE's .safetensors on its own lacks the config that its layout needs: point at its folder instead."""
+    if vae is None:
+        return
+    from dapple.models.single_file import CHECKPOINT_SUFFIXES
+
+    if not vae.exists():
+        fail(f"--vae {vae} does not exist; give a .safetensors file (as in A1111's models/VAE) or a diffusers "
+             "folder")
+    if vae.is_dir():
+        if not ((vae / "config.json").is_file() or (vae / "vae" / "config.json").is_file()):
+            fail(f"--vae {vae} is a folder without config.json (or vae/config.json); give a diffusers VAE or "
+                 "model folder, or a .safetensors file")
+        return
+    if vae.suffix.lower() not in CHECKPOINT_SUFFIXES:
+        fail(f"--vae {vae}: allowed are {', '.join(CHECKPOINT_SUFFIXES)} files and diffusers folders")
+    if vae.suffix.lower() != ".safetensors":
+        return
+    keys = _safetensors_keys(vae, "--vae")
+    if any(".down_blocks." in key or ".mid_block." in key for key in keys):
+        hint = (f"give its folder instead: --vae {vae.parent}" if (vae.parent / "config.json").is_file()
+                else "give the folder that holds it with its config.json")
+        fail(f"--vae {vae} is a VAE in the diffusers layout, which needs its config.json; {hint}. A single "
+             "file must be in the original layout (as in A1111's models/VAE)")
 
 
 def _quiet_libraries() -> None:
@@ -79,10 +234,14 @@ class GenerationOptions:
     strength = typer.Option(_defaults["strength"].default, help="denoising strength 0..1: how much changes")
     resize_mode = typer.Option(_defaults["resize_mode"].default, help="just resize | crop and resize | resize and fill")
     mask_blur = typer.Option(_defaults["mask_blur"].default, help="soft edge of the pasted-back area, pixels")
+    threads = typer.Option(None, "--threads", min=1, max=1024, show_default=False,
+                           help="torch's CPU threads [default: automatic: 1 for small models such as the built-in "
+                           "one, else the cores this process may use]")
 
 
 def _run_and_save(fields: dict, *, model: Optional[Path], out: Path, device: Optional[str], dtype: Optional[str],
-                  allow_pickle: bool, vae: Optional[Path] = None, models_dir: Optional[Path] = None) -> None:
+                  allow_pickle: bool, vae: Optional[Path] = None, models_dir: Optional[Path] = None,
+                  threads: Optional[int] = None) -> None:
     """Validate a request, load the model, generate with a progress bar per pass, save PNGs, print their paths."""
     from tqdm import tqdm
 
@@ -92,16 +251,21 @@ def _run_and_save(fields: dict, *, model: Optional[Path], out: Path, device: Opt
     from dapple.service.outputs import save_result
 
     settings = Settings(model=model, device=device, dtype=dtype, output_dir=out, allow_pickle=allow_pickle,
-                        models_dir=models_dir)
+                        models_dir=models_dir, threads=threads)
     with user_errors():
         # Check everything that needs no model first, so mistakes are reported in a second, not after loading.
         request = make_request(**{name: value for name, value in fields.items() if value is not None})
         resolve_sampler(request.sampler)
         settings.limits.check(request)
+        check_device(settings.device)
+        check_output_folder(settings.output_dir)
         _quiet_libraries()
         model, vae, lora_dirs, embedding_dirs = _resolve_names(settings.model, vae, settings.models_dir)
+        check_model_file(model)
+        check_vae_file(vae)
         pipe = dapple.load(model, device=settings.device, dtype=settings.dtype, allow_pickle=settings.allow_pickle,
-                           limits=settings.limits, vae=vae, lora_dirs=lora_dirs, embedding_dirs=embedding_dirs)
+                           limits=settings.limits, vae=vae, lora_dirs=lora_dirs, embedding_dirs=embedding_dirs,
+                           threads=settings.threads)
         bars: dict[str, tqdm] = {}
 
         def advance(context: dapple.StepContext) -> None:
@@ -127,7 +291,28 @@ def _run_and_save(fields: dict, *, model: Optional[Path], out: Path, device: Opt
     timing = result.timings.get("total", 0.0)
     typer.echo(f"{len(paths)} image(s) in {timing:.1f}s, seeds {', '.join(map(str, result.seeds))}", err=True)
     for path in paths:
-        typer.echo(str(path))
+        say(str(path))
+
+
+def _did_you_mean(name: str, choices) -> str:
+    """"; did you mean 'Euler a'?" when a close choice exists, else ""."""
+    import difflib
+
+    by_fold = {str(choice).casefold(): str(choice) for choice in choices}
+    close = difflib.get_close_matches(name.casefold(), list(by_fold), n=1, cutoff=0.6)
+    return f"; did you mean {by_fold[close[0]]!r}?" if close else ""
+
+
+@contextmanager
+def _loading_message(model: Optional[Path]) -> Iterator[None]:
+    """One line before a model loads and one after, with the time: loading takes seconds on real models."""
+    import time
+
+    name = "the built-in model" if model is None else str(model)
+    say(f"loading {name} ...", err=True)
+    start = time.perf_counter()
+    yield
+    say(f"loaded in {time.perf_counter() - start:.1f}s", err=True)
 
 
 def _resolve_names(model: Optional[Path], vae: Optional[Path], models_dir: Optional[Path]
@@ -171,6 +356,7 @@ def generate(
     allow_pickle: bool = GenerationOptions.allow_pickle,
     vae: Optional[Path] = GenerationOptions.vae,
     models_dir: Optional[Path] = GenerationOptions.models_dir,
+    threads: Optional[int] = GenerationOptions.threads,
 ) -> None:
     """Generate images from a prompt and save them as PNGs with A1111 infotext."""
     fields = dict(prompt=prompt, negative_prompt=negative, width=width, height=height, steps=steps,
@@ -178,7 +364,7 @@ def generate(
                   hires_upscaler=hires_upscaler, hires_steps=hires_steps, hires_strength=hires_strength,
                   guidance_min_timestep=guidance_min_t)
     _run_and_save(fields, model=model, out=out, device=device, dtype=dtype, allow_pickle=allow_pickle, vae=vae,
-                  models_dir=models_dir)
+                  models_dir=models_dir, threads=threads)
 
 
 @app.command()
@@ -203,13 +389,14 @@ def img2img(
     allow_pickle: bool = GenerationOptions.allow_pickle,
     vae: Optional[Path] = GenerationOptions.vae,
     models_dir: Optional[Path] = GenerationOptions.models_dir,
+    threads: Optional[int] = GenerationOptions.threads,
 ) -> None:
     """Redraw an image after a prompt; --strength 0..1 sets how much changes (int(steps x strength) steps run)."""
     fields = dict(prompt=prompt, init_image=image, strength=strength, resize_mode=resize_mode,
                   negative_prompt=negative, width=width, height=height, steps=steps, guidance_scale=guidance,
                   seed=seed, sampler=sampler, batch_size=batch, guidance_min_timestep=guidance_min_t)
     _run_and_save(fields, model=model, out=out, device=device, dtype=dtype, allow_pickle=allow_pickle, vae=vae,
-                  models_dir=models_dir)
+                  models_dir=models_dir, threads=threads)
 
 
 @app.command()
@@ -239,6 +426,7 @@ def inpaint(
     allow_pickle: bool = GenerationOptions.allow_pickle,
     vae: Optional[Path] = GenerationOptions.vae,
     models_dir: Optional[Path] = GenerationOptions.models_dir,
+    threads: Optional[int] = GenerationOptions.threads,
 ) -> None:
     """Repaint the masked area of an image after a prompt; the rest keeps its original pixels."""
     fields = dict(prompt=prompt, init_image=image, mask=mask, strength=strength, mask_blur=mask_blur,
@@ -246,7 +434,7 @@ def inpaint(
                   width=width, height=height, steps=steps, guidance_scale=guidance, seed=seed, sampler=sampler,
                   batch_size=batch, guidance_min_timestep=guidance_min_t)
     _run_and_save(fields, model=model, out=out, device=device, dtype=dtype, allow_pickle=allow_pickle, vae=vae,
-                  models_dir=models_dir)
+                  models_dir=models_dir, threads=threads)
 
 
 @app.command()
@@ -273,6 +461,7 @@ def outpaint(
     allow_pickle: bool = GenerationOptions.allow_pickle,
     vae: Optional[Path] = GenerationOptions.vae,
     models_dir: Optional[Path] = GenerationOptions.models_dir,
+    threads: Optional[int] = GenerationOptions.threads,
 ) -> None:
     """Extend an image's canvas on the chosen sides and draw the new area."""
     fields = dict(prompt=prompt, init_image=image, outpaint_left=left, outpaint_right=right, outpaint_top=top,
@@ -280,7 +469,7 @@ def outpaint(
                   steps=steps, guidance_scale=guidance, seed=seed, sampler=sampler, batch_size=batch,
                   guidance_min_timestep=guidance_min_t)
     _run_and_save(fields, model=model, out=out, device=device, dtype=dtype, allow_pickle=allow_pickle, vae=vae,
-                  models_dir=models_dir)
+                  models_dir=models_dir, threads=threads)
 
 
 @app.command()
@@ -303,13 +492,14 @@ def depth2img(
     allow_pickle: bool = GenerationOptions.allow_pickle,
     vae: Optional[Path] = GenerationOptions.vae,
     models_dir: Optional[Path] = GenerationOptions.models_dir,
+    threads: Optional[int] = GenerationOptions.threads,
 ) -> None:
     """Depth-guided generation for depth models (SD 2 depth layout: a 5-channel UNet)."""
     fields = dict(prompt=prompt, init_image=image, depth_map=depth, strength=strength, negative_prompt=negative,
                   steps=steps, guidance_scale=guidance, seed=seed, sampler=sampler, batch_size=batch,
                   guidance_min_timestep=guidance_min_t)
     _run_and_save(fields, model=model, out=out, device=device, dtype=dtype, allow_pickle=allow_pickle, vae=vae,
-                  models_dir=models_dir)
+                  models_dir=models_dir, threads=threads)
 
 
 @app.command()
@@ -325,7 +515,7 @@ def convert(
     skipped = report["skipped"]
     typer.echo(f"{report['tensors']} tensors written" + (f"; left out non-tensor entries: {', '.join(skipped)}"
                                                            if skipped else ""), err=True)
-    typer.echo(str(target))
+    say(str(target))
 
 
 @app.command()
@@ -342,23 +532,27 @@ def merge(
     from dapple.models.merge import merge_checkpoints
 
     with user_errors():
+        if not math.isfinite(alpha):
+            raise DappleError(f"--alpha {alpha}: allowed is a finite number (0..1 for weighted-sum)")
+        check_output_file(out, "--out", (".safetensors",))
         merge_checkpoints(a, b, out, mode=mode, alpha=alpha, c=c)
-    typer.echo(str(out))
+    say(str(out))
 
 
 @app.command()
 def serve(
     host: str = typer.Option("127.0.0.1", help="address to bind; loopback by default"),
-    port: int = typer.Option(7860),
+    port: int = typer.Option(7860, min=1, max=65535, help="TCP port, 1..65535"),
     data_dir: Path = typer.Option(Path("dapple-data"), help="job database and gallery images"),
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="model folder, single file or, with "
                                          "--models-dir, name (default: the built-in model)"),
     models_dir: Optional[Path] = GenerationOptions.models_dir,
-    queue_size: int = typer.Option(64, help="queued jobs beyond this get 429"),
+    queue_size: int = typer.Option(64, min=1, max=100_000, help="queued jobs beyond this get 429 (1..100000)"),
     api_auth: Optional[str] = typer.Option(None, help="user:password for HTTP Basic auth on every route"),
     cors_origin: Optional[list[str]] = typer.Option(None, help="an origin allowed to call from a browser; repeat"),
     device: Optional[str] = GenerationOptions.device,
     dtype: Optional[str] = GenerationOptions.dtype,
+    threads: Optional[int] = GenerationOptions.threads,
 ) -> None:
     """Serve the native job API (/api/v1, OpenAPI at /docs) and the A1111 API (/sdapi/v1) on one job queue."""
     import uvicorn
@@ -376,57 +570,116 @@ def serve(
             typer.echo("error: --api-auth must be user:password", err=True)
             raise typer.Exit(USAGE_ERROR)
         credentials = (user, password)
+    if not host.strip():
+        fail("--host is empty; give an address to bind, e.g. 127.0.0.1 (this machine only) or 0.0.0.0 (every "
+             "interface)")
+    check_device(device)
+    check_output_folder(data_dir, "--data-dir")
     if host not in ("127.0.0.1", "localhost", "::1") and credentials is None:
         typer.echo(f"warning: serving on {host} without --api-auth; anyone who can reach it can use it", err=True)
     _quiet_libraries()
     with user_errors():
         model, _, lora_dirs, embedding_dirs = _resolve_names(model, None, models_dir)
+        check_model_file(model)
 
         def load(path: Optional[Path]) -> dapple.Pipeline:
-            return dapple.load(path, device=device, dtype=dtype, lora_dirs=lora_dirs, embedding_dirs=embedding_dirs)
+            return dapple.load(path, device=device, dtype=dtype, lora_dirs=lora_dirs, embedding_dirs=embedding_dirs,
+                               threads=threads)
 
         pipe = load(model)  # fail now, not on the first job
         folders = ModelFolders.from_root(models_dir) if models_dir is not None else None
         pool = ModelPool(lambda: pipe, pipe.components.name, folders, load)
-    service = JobService(data_dir, lambda: pipe, queue_size=queue_size, models=pool)
+        service = JobService(data_dir, lambda: pipe, queue_size=queue_size, models=pool)
     service.start()
     try:
         app = create_app(service, model_name=pipe.components.name,
                          model_path=Path(pipe.components.source) if pipe.components.source else None,
                          auth=credentials, cors_origins=cors_origin)
-        uvicorn.run(app, host=host, port=port, log_level="warning")
+        server = _ReadyServer(uvicorn.Config(app, host=host, port=port, log_level="warning"),
+                              announce=_serve_announcement(host, port, credentials))
+        server.run()
     finally:
         service.stop()
 
 
+def _serve_announcement(host: str, port: int, credentials: Optional[tuple[str, str]]) -> list[str]:
+    """What `dapple serve` prints once it listens: the URL, "ready", and how clients authenticate."""
+    shown = f"[{host}]" if ":" in host else host
+    url = f"http://{shown}:{port}"
+    lines = [f"ready: the studio at {url}/, the job API at {url}/api/v1 (docs at {url}/docs), "
+             f"the A1111 API at {url}/sdapi/v1; Ctrl+C stops"]
+    if host in ("0.0.0.0", "::"):
+        lines.append(f"listening on every interface: use this machine's address instead of {host}")
+    if credentials is not None:
+        lines.append(f"HTTP Basic auth is on: clients send user {credentials[0]!r} and its password, e.g. "
+                     f"curl -u {credentials[0]}:PASSWORD {url}/sdapi/v1/options; in a browser, the page asks")
+    return lines
+
+
+def _ready_server_class():
+    import uvicorn
+
+    class ReadyServer(uvicorn.Server):
+        """uvicorn's server, printing the announcement once the socket listens (not before: a port in use fails)."""
+
+        def __init__(self, config, announce: list[str]) -> None:
+            super().__init__(config)
+            self.announce = announce
+
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started:
+                for line in self.announce:
+                    say(line, err=True)
+
+    return ReadyServer
+
+
+def _ReadyServer(config, announce: list[str]):
+    return _ready_server_class()(config, announce)
+
+
 @app.command()
 def models(
-    models_dir: Path = typer.Option(..., "--models-dir", envvar="DAPPLE_MODELS_DIR",
-                                    help="an A1111 (stable-diffusion-webui) or ComfyUI folder"),
+    models_dir: Optional[Path] = typer.Option(None, "--models-dir", envvar="DAPPLE_MODELS_DIR",
+                                              help="an A1111 (stable-diffusion-webui) or ComfyUI folder "
+                                              "(default: list the built-in model)"),
     kind: Optional[str] = typer.Option(None, help="checkpoints, vae, loras or embeddings (default: all)"),
     hashes: bool = typer.Option(True, "--hashes/--no-hashes", help="A1111 short hashes (cached after the first)"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """List the checkpoints, VAEs, LoRAs and embeddings in a models folder, with A1111's short hashes."""
+    """List the checkpoints, VAEs, LoRAs and embeddings in a models folder, with A1111's short hashes; without a
+    folder, the built-in model (what --model defaults to)."""
+    from dapple.api import BUILTIN_MODEL_DIR
     from dapple.models.hashing import short_hash
     from dapple.models.library import KINDS, ModelFolders
 
     with user_errors():
         if kind is not None and kind not in KINDS:
-            raise DappleError(f"--kind {kind!r}: allowed are {', '.join(KINDS)}")
-        folders = ModelFolders.from_root(models_dir)
+            raise DappleError(f"--kind {kind!r} is unknown; allowed: {', '.join(KINDS)}"
+                              + _did_you_mean(kind, KINDS))
         rows = []
-        for each in [kind] if kind else KINDS:
-            for entry in folders.entries(each):
-                rows.append({"kind": each, "name": entry.name, "hash": short_hash(entry.path) if hashes and (
-                    entry.path.is_file() or each == "checkpoints") else None,
-                    "size_mb": round(entry.size / 2**20, 1), "path": str(entry.path)})
+        if models_dir is None:
+            if kind in (None, "checkpoints") and (BUILTIN_MODEL_DIR / "model_index.json").is_file():
+                size = sum(f.stat().st_size for f in BUILTIN_MODEL_DIR.rglob("*") if f.is_file())
+                rows.append({"kind": "checkpoints", "name": "builtin (the default --model)",
+                             "hash": short_hash(BUILTIN_MODEL_DIR) if hashes else None,
+                             "size_mb": round(size / 2**20, 1), "path": str(BUILTIN_MODEL_DIR)})
+            typer.echo("no --models-dir (or DAPPLE_MODELS_DIR): the built-in model only; give an A1111 or ComfyUI "
+                       "folder to list its models", err=True)
+        else:
+            folders = ModelFolders.from_root(models_dir)
+            for each in [kind] if kind else KINDS:
+                for entry in folders.entries(each):
+                    rows.append({"kind": each, "name": entry.name, "hash": short_hash(entry.path) if hashes and (
+                        entry.path.is_file() or each == "checkpoints") else None,
+                        "size_mb": round(entry.size / 2**20, 1), "path": str(entry.path)})
     if as_json:
-        typer.echo(json.dumps(rows, indent=1))
+        say(json.dumps(rows, indent=1, ensure_ascii=False))
         return
     typer.echo(f"{'kind':<12} {'name':<32} {'hash':<10} {'MB':>9}  path")
     for row in rows:
-        typer.echo(f"{row['kind']:<12} {row['name']:<32} {row['hash'] or '-':<10} {row['size_mb']:>9}  {row['path']}")
+        say(f"{row['kind']:<12} {row['name']:<32} {row['hash'] or '-':<10} {row['size_mb']:>9}  {row['path']}")
 
 
 @app.command()
@@ -452,7 +705,7 @@ def info(
         text = read_infotext(image)
         if text is None:
             raise DappleError(f"{image} carries no generation parameters (no 'parameters' PNG text chunk)")
-    typer.echo(json.dumps(parse_infotext(text), indent=2, ensure_ascii=False) if as_json else text)
+    say(json.dumps(parse_infotext(text), indent=2, ensure_ascii=False) if as_json else text)
 
 
 @inspect_app.command("tokens")
@@ -486,22 +739,28 @@ def inspect_tokens(
 
 _inspect_model = typer.Option(None, "--model", "-m", help="model folder (default: the built-in model)")
 _inspect_out = typer.Option(Path("outputs/inspect"), "--out", help="folder for the pictures")
+_seed = typer.Option(0, min=0, max=2**32 - 1, help="seed of the noise, 0..4294967295")
 
 
-def _inspect_pipe(model: Optional[Path]):
-    """Load the model an inspect command looks inside, with the libraries kept quiet."""
+def _inspect_pipe(model: Optional[Path], out: Optional[Path] = None, threads: Optional[int] = None):
+    """Load the model an inspect command looks inside, with the libraries kept quiet, after checking the output
+    folder (so that a mistake there is reported before the loading)."""
     import dapple
 
+    if out is not None:
+        check_output_folder(out)
+    check_model_file(model)
     _quiet_libraries()
-    return dapple.load(model)
+    with _loading_message(model):
+        return dapple.load(model, threads=threads)
 
 
 def _report(inspection) -> None:
     """An inspection's numbers, then the paths of its files (one per line, as generate prints them)."""
     for line in inspection.lines:
-        typer.echo(line, err=True)
+        say(line, err=True)
     for path in inspection.files:
-        typer.echo(str(path))
+        say(str(path))
 
 
 def _split(values: Optional[str], kind: type) -> list:
@@ -518,33 +777,44 @@ def inspect_embeddings(
     text: str = typer.Argument(..., help="a prompt"),
     vs: Optional[str] = typer.Option(None, "--vs", help="a second prompt to compare with"),
     model: Optional[Path] = _inspect_model, out: Path = _inspect_out,
+    threads: Optional[int] = GenerationOptions.threads,
 ) -> None:
     """The text embedding's shape, per-token norms and (with --vs) the cosine similarity heatmap."""
     from dapple.inspect import embeddings
 
     with user_errors():
-        _report(embeddings(_inspect_pipe(model), text, out, vs=vs))
+        _report(embeddings(_inspect_pipe(model, out, threads), text, out, vs=vs))
 
 
 @inspect_app.command("schedule")
 def inspect_schedule(
     sampler: str = typer.Option("DPM++ 2M Karras", "--sampler", help="one or more names, comma-separated"),
-    steps: int = typer.Option(20, help="sampling steps"),
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="use this model's schedule (default: SD's)"),
+    steps: int = typer.Option(20, help="sampling steps, 1..150"),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="use this model's schedule (default: the "
+                                         "built-in model's, as every command's --model)"),
     out: Path = _inspect_out,
+    threads: Optional[int] = GenerationOptions.threads,
 ) -> None:
     """Plot alphas_cumprod and the timesteps and sigmas each sampler visits."""
+    from dapple.api import BUILTIN_MODEL_DIR
     from dapple.inspect import noise_schedule
-    from dapple.models.tiny import SD15_SCHEDULER_CONFIG
     from dapple.samplers import resolve_sampler
 
     with user_errors():
         names = _split(sampler, str)
+        if not names:
+            raise DappleError("--sampler is empty; give one or more sampler names, comma-separated (see "
+                              "`dapple samplers`)")
         for name in names:
             resolve_sampler(name)
         if not 1 <= steps <= 150:
             raise DappleError(f"steps={steps} is invalid; allowed: 1..150")
-        config = _inspect_pipe(model).components.scheduler_config if model else SD15_SCHEDULER_CONFIG
+        check_output_folder(out)
+        builtin_config = BUILTIN_MODEL_DIR / "scheduler" / "scheduler_config.json"
+        if model is None and builtin_config.is_file():  # the built-in model's schedule, without loading it
+            config = json.loads(builtin_config.read_text())
+        else:
+            config = _inspect_pipe(model, out, threads).components.scheduler_config
         _report(noise_schedule(config, out, names, steps))
 
 
@@ -556,19 +826,20 @@ def _open_picture(path: Path):
 
 @inspect_app.command("vae")
 def inspect_vae(image: Path = typer.Argument(..., help="a picture"), model: Optional[Path] = _inspect_model,
-                out: Path = _inspect_out) -> None:
+                out: Path = _inspect_out, threads: Optional[int] = GenerationOptions.threads) -> None:
     """Encode and decode a picture: original, reconstruction, error, latent channels; compression and PSNR."""
     from dapple.inspect import vae_round_trip
 
     with user_errors():
-        _report(vae_round_trip(_inspect_pipe(model), _open_picture(image), out))
+        picture = _open_picture(image)
+        _report(vae_round_trip(_inspect_pipe(model, out, threads), picture, out))
 
 
 @inspect_app.command("noise")
 def inspect_noise(image: Path = typer.Argument(..., help="a picture"),
                   timesteps: str = typer.Option("0,50,150,300,500,750,999", help="comma-separated, 0..999"),
-                  seed: int = typer.Option(0), model: Optional[Path] = _inspect_model, out: Path = _inspect_out
-                  ) -> None:
+                  seed: int = _seed, model: Optional[Path] = _inspect_model, out: Path = _inspect_out,
+                  threads: Optional[int] = GenerationOptions.threads) -> None:
     """The forward process: a picture noised to a row of timesteps, in latent and in pixel space."""
     from dapple.inspect import forward_noise
 
@@ -576,21 +847,23 @@ def inspect_noise(image: Path = typer.Argument(..., help="a picture"),
         values = _split(timesteps, int)
         if not values or any(not 0 <= t <= 999 for t in values):
             raise DappleError(f"timesteps={timesteps!r} is invalid; allowed: comma-separated integers in 0..999")
-        _report(forward_noise(_inspect_pipe(model), _open_picture(image), out, values, seed=seed))
+        picture = _open_picture(image)
+        _report(forward_noise(_inspect_pipe(model, out, threads), picture, out, values, seed=seed))
 
 
 @inspect_app.command("denoise")
 def inspect_denoise(
     prompt: str = typer.Argument(..., help="what to draw"),
     steps: Optional[int] = GenerationOptions.steps, guidance: Optional[float] = GenerationOptions.guidance,
-    seed: int = typer.Option(0), sampler: Optional[str] = GenerationOptions.sampler,
+    seed: int = _seed, sampler: Optional[str] = GenerationOptions.sampler,
     negative: str = GenerationOptions.negative, model: Optional[Path] = _inspect_model, out: Path = _inspect_out,
+    threads: Optional[int] = GenerationOptions.threads,
 ) -> None:
     """Generate while keeping every step: animated GIF, contact sheet, latent statistics plot."""
     from dapple.inspect import denoise_steps
 
     with user_errors():
-        _report(denoise_steps(_inspect_pipe(model), prompt, out, steps=steps, guidance_scale=guidance, seed=seed,
+        _report(denoise_steps(_inspect_pipe(model, out, threads), prompt, out, steps=steps, guidance_scale=guidance, seed=seed,
                               sampler=sampler, negative_prompt=negative))
 
 
@@ -601,8 +874,9 @@ def inspect_guidance(
     steps: Optional[str] = typer.Option(None, help="step counts, e.g. 5,10,20,40"),
     samplers: Optional[str] = typer.Option(None, help="sampler names, e.g. 'Euler a,DDIM,DPM++ 2M Karras'"),
     seeds: Optional[str] = typer.Option(None, help="seeds, e.g. 1,2,3"),
-    seed: int = typer.Option(0, help="the seed when seeds are not an axis"),
+    seed: int = typer.Option(0, min=0, max=2**32 - 1, help="the seed when seeds are not an axis"),
     model: Optional[Path] = _inspect_model, out: Path = _inspect_out,
+    threads: Optional[int] = GenerationOptions.threads,
 ) -> None:
     """The same seed across one or two parameters in one labelled grid (the first two axes given: X, then Y)."""
     from dapple.inspect import parameter_grid
@@ -614,21 +888,25 @@ def inspect_guidance(
         if not 1 <= len(axes) <= 2:
             raise DappleError("give one or two of --scales, --steps, --samplers, --seeds (the grid's axes)")
         options = {} if any(name == "seed" for name, _ in axes) else {"seed": seed}
-        _report(parameter_grid(_inspect_pipe(model), prompt, out, axes[0], axes[1] if len(axes) > 1 else None,
+        _report(parameter_grid(_inspect_pipe(model, out, threads), prompt, out, axes[0], axes[1] if len(axes) > 1 else None,
                                **options))
 
 
 @inspect_app.command("unet")
 def inspect_unet(
     image: Path = typer.Argument(..., help="a picture"), prompt: str = typer.Argument(..., help="the condition"),
-    t: int = typer.Option(500, "--t", help="timestep 0..999"), seed: int = typer.Option(0),
+    t: int = typer.Option(500, "--t", help="timestep 0..999"), seed: int = _seed,
     model: Optional[Path] = _inspect_model, out: Path = _inspect_out,
+    threads: Optional[int] = GenerationOptions.threads,
 ) -> None:
     """One UNet call on a noised picture: noisy, predicted noise, predicted x0, true x0."""
     from dapple.inspect import unet_call
 
     with user_errors():
-        _report(unet_call(_inspect_pipe(model), _open_picture(image), prompt, t, out, seed=seed))
+        if not 0 <= t <= 999:
+            raise DappleError(f"--t {t} is invalid; allowed: a timestep in 0..999")
+        picture = _open_picture(image)
+        _report(unet_call(_inspect_pipe(model, out, threads), picture, prompt, t, out, seed=seed))
 
 
 train_app = typer.Typer(help="Train models: the built-in shapes model, from scratch or from a model folder.",
@@ -641,18 +919,25 @@ app.add_typer(eval_app, name="eval")
 @train_app.command("builtin")
 def train_builtin(
     out: Path = typer.Option(Path("runs/builtin"), help="run folder: checkpoint.pt, train.log, model/"),
-    seed: int = typer.Option(0, help="seed of weights, data and noise"),
-    vae_steps: Optional[int] = typer.Option(None, help="stage 1 steps [default: the recipe's]"),
-    diffusion_steps: Optional[int] = typer.Option(None, help="stage 2 steps [default: the recipe's]"),
+    seed: int = typer.Option(0, min=0, max=2**32 - 1, help="seed of weights, data and noise"),
+    vae_steps: Optional[int] = typer.Option(None, min=0, help="stage 1 steps [default: the recipe's]"),
+    diffusion_steps: Optional[int] = typer.Option(None, min=1, help="stage 2 steps [default: the recipe's]"),
     vae_from: Optional[Path] = typer.Option(None, help="a model folder whose VAE to reuse (skips stage 1)"),
     init_from: Optional[Path] = typer.Option(None, help="a model folder to fine-tune: stage 2 starts from its "
                                              "VAE, text encoder and UNet"),
     settings: list[str] = typer.Option([], "--set", help="NAME=VALUE for any other TrainingConfig field, e.g. "
                                        "--set diffusion_learning_rate=3e-4 (repeatable)"),
     device: str = typer.Option("cpu", help="cpu or cuda"),
-    stop_after: Optional[int] = typer.Option(None, help="train at most this many steps now, then checkpoint"),
+    stop_after: Optional[int] = typer.Option(None, min=0, help="train at most this many steps now, then checkpoint"),
 ) -> None:
     """Train the built-in model on the shapes world. Run the same command again to resume."""
+    check_device(device)
+    check_output_folder(out)
+    check_utf8_path(out, "--out")
+    for flag, folder in (("--vae-from", vae_from), ("--init-from", init_from)):
+        if folder is not None and not (folder / "model_index.json").is_file():
+            fail(f"{flag} {folder} is not a model folder (no model_index.json); give a diffusers model folder, "
+                 "e.g. one that `dapple train export` wrote")
     _quiet_libraries()
     from dapple.train.builtin_training import BuiltinTrainer, TrainingConfig, config_overrides
 
@@ -671,14 +956,14 @@ def train_builtin(
             raise DappleError(str(error)) from None
         typer.echo(f"{out}: stage {trainer.stage}, step {trainer.step}", err=True)
         model = trainer.run(stop_after=stop_after)
-    typer.echo(str(model) if model else f"stopped; checkpoint in {trainer.checkpoint_path}")
+    say(str(model) if model else f"stopped; checkpoint in {trainer.checkpoint_path}")
 
 
 @train_app.command("export")
 def train_export(
     run: Path = typer.Option(Path("runs/builtin"), help="a run folder of `dapple train builtin`"),
     out: Path = typer.Option(..., help="model folder to write"),
-    evaluate: int = typer.Option(0, "--eval", help="also evaluate on this many held-out captions (20 "
+    evaluate: int = typer.Option(0, "--eval", min=0, max=10_000, help="also evaluate on this many held-out captions (20 "
                                  "steps) and put the table in the model card"),
     sampler: str = typer.Option("DPM++ 2M Karras", help="the sampler of that evaluation"),
     guidance: float = typer.Option(6.0, "--guidance", "--cfg", help="the guidance scale of that evaluation"),
@@ -686,6 +971,12 @@ def train_export(
                                        "timesteps >= this (0: all)"),
 ) -> None:
     """Export a run's current EMA weights as a model folder with a model card, finished or not."""
+    if not (run / "checkpoint.pt").is_file():
+        fail(f"--run {run} holds no checkpoint.pt; train with `dapple train builtin --out {run}` first")
+    check_output_folder(out)
+    check_utf8_path(out, "--out")
+    if evaluate:
+        _check_evaluation(sampler, guidance, guidance_min_t, steps=20)
     _quiet_libraries()
     from dapple.train.builtin_training import BuiltinTrainer, TrainingConfig, config_settings
     from dapple.train.model_card import write_model_card
@@ -735,7 +1026,17 @@ def train_export(
         commands = [train, export]
         write_model_card(out, config, run_dir=run, stage=trainer.stage, step=trainer.step, table=table,
                          evaluation=settings, commands=commands)
-    typer.echo(str(out))
+    say(str(out))
+
+
+def _check_evaluation(sampler: str, guidance: float, guidance_min_t: int, steps: int, seed: int = 0) -> None:
+    """The evaluation's generation settings, checked as a request is, before any model loads."""
+    from dapple.samplers import resolve_sampler
+
+    with user_errors():
+        resolve_sampler(sampler)
+        make_request(prompt="x", sampler=sampler, guidance_scale=guidance, guidance_min_timestep=guidance_min_t,
+                     steps=steps, seed=seed)
 
 
 def _run_config(run: Path) -> dict:
@@ -753,13 +1054,14 @@ def _run_config(run: Path) -> dict:
 @eval_app.command("builtin")
 def eval_builtin(
     model: Path = typer.Option(..., "--model", "-m", help="a model folder trained on the shapes world"),
-    n: int = typer.Option(200, help="held-out images to generate and grade"),
-    steps: int = typer.Option(20),
-    guidance: float = typer.Option(6.0, "--guidance", "--cfg"),
+    n: int = typer.Option(200, min=1, max=100_000, help="held-out images to generate and grade, 1..100000"),
+    steps: int = typer.Option(20, help="sampling steps, 1..150"),
+    guidance: float = typer.Option(6.0, "--guidance", "--cfg", help="CFG scale 0..30"),
     guidance_min_t: int = typer.Option(0, "--guidance-min-t", help="guide only steps at timesteps >= this"),
     sampler: str = typer.Option("DPM++ 2M Karras"),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, min=0, max=2**32 - 1),
     grid: Optional[Path] = typer.Option(None, help="also save the first 64 images as a labelled-free grid PNG"),
+    threads: Optional[int] = GenerationOptions.threads,
 ) -> None:
     """Generate held-out captions and grade colour, background, shape, size and position by image analysis."""
     from tqdm import tqdm
@@ -767,9 +1069,14 @@ def eval_builtin(
     import dapple
     from dapple.train.evaluate import evaluate_pipeline
 
+    _check_evaluation(sampler, guidance, guidance_min_t, steps, seed)
+    check_model_file(model)
+    if grid is not None:
+        check_output_file(grid, "--grid", (".png",))
     with user_errors():
         _quiet_libraries()
-        pipe = dapple.load(model)
+        with _loading_message(model):
+            pipe = dapple.load(model, threads=threads)
         images = []
         with tqdm(total=n, desc="evaluating", unit="image", file=sys.stderr) as bar:
 
@@ -789,22 +1096,42 @@ def eval_builtin(
         sheet = Image.new("RGB", (columns * side, -(-len(images) // columns) * side))
         for index, image in enumerate(images):
             sheet.paste(image, ((index % columns) * side, (index // columns) * side))
-        sheet.save(grid)
-        typer.echo(str(grid))
+        with user_errors():
+            grid.parent.mkdir(parents=True, exist_ok=True)
+            sheet.save(grid)
+        say(str(grid))
 
 
 @app.command("create-tiny-model")
 def create_tiny_model(
-    folder: Path = typer.Argument(..., help="where to write the model folder"),
-    seed: int = typer.Option(0, help="seed of the random weights"),
+    folder: Path = typer.Argument(..., help="where to write the model folder (new or empty)"),
+    seed: Optional[int] = typer.Option(None, min=0, max=2**32 - 1, show_default=False,
+                                       help="seed of the random weights, 0..4294967295 [default: a fresh random "
+                                       "seed, printed]"),
 ) -> None:
     """Write a tiny model with random weights (SD 1.x architecture, 64x64): for trying the machinery.
     Its images are noise."""
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        what = "is a file" if not folder.is_dir() else "exists and is not empty"
+        fail(f"{folder} {what}; give a new or empty folder (nothing is overwritten)")
+    check_output_folder(folder, "FOLDER")
+    check_utf8_path(folder, "FOLDER")
+    if seed is None:
+        import secrets
+
+        seed = secrets.randbelow(2**32)
     _quiet_libraries()
     from dapple.models.tiny import save_tiny_model
 
     with user_errors():
-        typer.echo(str(save_tiny_model(folder, seed=seed)))
+        path = save_tiny_model(folder, seed=seed)
+    typer.echo(f"seed {seed}", err=True)
+    say(str(path))
+
+
+for _commands in (app, inspect_app, train_app, eval_app):
+    for _info in _commands.registered_commands:
+        _info.callback = _refuse_undecodable_text(_info.callback)
 
 
 def main() -> None:

@@ -55,6 +55,10 @@ def convert_to_safetensors(source: Path, target: Path | None = None, *, timeout:
     target = target or source.with_suffix(".safetensors")
     if target.exists():
         raise PickleRefusedError(f"{target} already exists; remove it or give another output name")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise PickleRefusedError(f"cannot write {target}: {error.strerror or error}") from None
     completed = subprocess.run([sys.executable, "-c", _CHILD, str(source), str(target)], capture_output=True,
                                text=True, timeout=timeout)
     lines = [line for line in completed.stdout.splitlines() if line.startswith("{")]

@@ -73,6 +73,10 @@ def merge_checkpoints(a: Path, b: Path, out: Path, *, mode: str = "weighted-sum"
                 result = work[0] + (work[1] - work[2]) * alpha
             return result.to(tensors[0].dtype)
 
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise DappleError(f"cannot write {out}: {error.strerror or error}") from None
         layout = [(name, shape, dtypes[name]) for name, shape in shapes[0].items()]
         metadata = {"dapple_merge": f"{mode} alpha={alpha:g}: {a.name}, {b.name}" + (f", {c.name}" if c else "")}
         return write_streaming(out, layout, merged, metadata)
