@@ -43,13 +43,19 @@ def _choose(value: Any, allowed: tuple[str, ...], name: str) -> str:
     raise ValueError(f"{name} must be one of {', '.join(repr(a) for a in allowed)} (or its index)")
 
 
+# A prompt longer than this is refused before it reaches the tokenizer (a 50 MB prompt once made the server's
+# tokenizer panic after exhausting memory); 20 000 characters is ~60 of CLIP's 75-token chunks.
+MAX_PROMPT_CHARACTERS = 20_000
+
+
 class GenerationRequest(BaseModel):
     """Everything that decides a text-to-image generation."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    prompt: str = ""
-    negative_prompt: str = ""
+    prompt: str = Field("", max_length=MAX_PROMPT_CHARACTERS, description="A1111 prompt syntax, any length in "
+                        "75-token chunks up to the limits")
+    negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARACTERS)
     width: int | None = Field(None, ge=64, le=2048, multiple_of=8, description="None: the model's native size")
     height: int | None = Field(None, ge=64, le=2048, multiple_of=8, description="None: the model's native size")
     steps: int = Field(20, ge=1, le=150)
@@ -142,6 +148,7 @@ class Limits:
     max_steps: int = 150
     max_batch_size: int = 16
     max_image_pixels: int = 4096 * 4096  # input images larger than this are refused before decoding
+    max_prompt_tokens: int = 1500  # CLIP tokens per prompt (20 chunks of 75): each chunk is a text-encoder pass
 
     def check(self, request: GenerationRequest) -> None:
         """Raise InvalidRequestError for the first field that exceeds these limits (hires fix's final size
@@ -158,6 +165,11 @@ class Limits:
         ):
             if value is not None and value > limit:
                 raise InvalidRequestError(f"{name}={value} exceeds this server's limit; allowed: at most {limit}")
+
+    def check_prompt_tokens(self, count: int, what: str = "prompt") -> None:
+        if count > self.max_prompt_tokens:
+            raise InvalidRequestError(f"{what} is {count} tokens long; allowed: at most {self.max_prompt_tokens} "
+                                      "tokens")
 
     def check_size(self, width: int, height: int, what: str = "output") -> None:
         """Refuse an output size (an outpainted canvas, an init image's size) beyond the limits."""
@@ -181,6 +193,10 @@ def _allowed(field_name: str) -> str:
         words.append(f"in {parts['Ge'].ge}..{parts['Le'].le}")
     if "MinLen" in parts:
         words.append("a non-empty string")
+    if "MaxLen" in parts:
+        words.append(f"text of at most {parts['MaxLen'].max_length} characters")
+    if not words and info.annotation in (str, "str", "str | None"):
+        words.append("valid Unicode text")
     return " ".join(words) or str(info.annotation)
 
 

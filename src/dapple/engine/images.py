@@ -80,24 +80,34 @@ def open_image(source: Any, *, max_pixels: int = DEFAULT_MAX_PIXELS, what: str =
             image.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise InvalidRequestError(f"{what} refused: {error}") from None
-    except OSError as error:  # PIL's UnidentifiedImageError is an OSError too
-        raise InvalidRequestError(f"{what} could not be read as an image ({error})") from None
+    except (OSError, ValueError, SyntaxError) as error:  # UnidentifiedImageError is an OSError; a text chunk
+        raise InvalidRequestError(f"{what} could not be read as an image ({error})") from None  # bomb, ValueError
     return image
 
 
 def check_encoded_image(text: Any, *, max_pixels: int = DEFAULT_MAX_PIXELS, what: str = "image") -> None:
     """For images arriving over the network: only base64 (or a data: URL) is accepted, never a path on the
-    server, and the size is read from the header and checked without decoding the pixels."""
+    server, and the size is read from the header and checked without decoding the pixels (encoded_image_text's
+    checks)."""
+    encoded_image_text(text, max_pixels=max_pixels, what=what)
+
+
+def encoded_image_text(text: Any, *, max_pixels: int = DEFAULT_MAX_PIXELS, what: str = "image") -> dict[str, str]:
+    """The text chunks (PNG tEXt/zTXt/iTXt) of a base64 image from the network, through the same checks as
+    check_encoded_image. Pixels are never decoded, so only the chunks before the image data are read (where
+    A1111 and Dapple write infotext); one that would inflate past Pillow's limit (PngImagePlugin.MAX_TEXT_CHUNK,
+    1 MB) is refused."""
     if not isinstance(text, str) or not text:
         raise InvalidRequestError(f"{what} must be a base64-encoded image (or a data: URL)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(_decode_base64(text, what))) as image:  # the header only
+            with Image.open(io.BytesIO(_decode_base64(text, what))) as image:
                 _check_pixels(*image.size, max_pixels, what)
+                return {key: value for key, value in image.info.items() if isinstance(value, str)}
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise InvalidRequestError(f"{what} refused: {error}") from None
-    except OSError as error:
+    except (OSError, ValueError, SyntaxError) as error:  # ValueError: "Decompressed Data Too Large"
         raise InvalidRequestError(f"{what} is not a readable image ({error})") from None
 
 

@@ -227,6 +227,10 @@ class Pipeline:
                         self.components.name, ", ".join(f"{name}={value}" for name, value in recommended.items()))
         request = with_model_defaults(request, self.components.generation_defaults)
         self.limits.check(request)
+        for what in ("prompt", "negative_prompt"):
+            text = getattr(request, what)
+            if len(text) > self.limits.max_prompt_tokens:  # short texts cannot exceed it: skip tokenizing
+                self.limits.check_prompt_tokens(len(self.tokenizer(text).input_ids) - 2, what)
         if request.model is not None and request.model != self.components.name:
             raise InvalidRequestError(f"model {request.model!r}: this pipeline runs {self.components.name!r} "
                                       "(choose models with dapple.load; servers pick them by name)")

@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse
 from PIL import Image
 
 from dapple._version import __version__
-from dapple.engine.images import check_encoded_image
+from dapple.engine.images import check_encoded_image, encoded_image_text
 from dapple.errors import DappleError, InvalidRequestError, UnknownSamplerError
 from dapple.infotext import PNG_KEY, parse_infotext
 from dapple.models.hashing import model_sha256
@@ -267,12 +267,10 @@ def create_router(service: JobService, model_name: str, model_path: Path | None)
     async def png_info(request: Request) -> dict[str, Any]:
         body = await _json(request)
         data = _image_field(body.get("image"), "image")
-        try:
-            payload = base64.b64decode(data.split(",", 1)[1] if data.startswith("data:") else data)
-            with Image.open(io.BytesIO(payload)) as picture:
-                text = picture.info.get(PNG_KEY)
-        except (ValueError, OSError) as error:
-            raise A1111Error(400, f"image could not be read: {error}") from None
+        try:  # the one checked decoder: base64, pixel count from the header, bounded text chunks
+            text = encoded_image_text(data, what="image").get(PNG_KEY)
+        except InvalidRequestError as error:
+            raise A1111Error(400, str(error)) from None
         if text is None:
             return {"info": "", "items": {}, "parameters": {}}
         return {"info": text, "items": {"parameters": text}, "parameters": parse_infotext(text)}

@@ -16,29 +16,31 @@ import asyncio
 import base64
 import io
 import json
+import os
 import queue
-import secrets
+import stat
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from PIL import Image
+from pydantic import BaseModel
 
 from dapple.engine.images import check_encoded_image
 from dapple.errors import InvalidRequestError, ModelLoadError, UnknownSamplerError
 from dapple.infotext import parse_infotext
 from dapple.interfaces import a1111
+from dapple.interfaces.guard import DEFAULT_MAX_BODY, DEFAULT_MAX_JSON_DEPTH, Guard, HostCheck
 from dapple.models.generation_defaults import RECOMMENDABLE, read_generation_defaults
 from dapple.request import GenerationRequest, describe_errors
 from dapple.samplers import sampler_names
 from dapple.service.jobs import STATUSES, Job, JobNotFoundError, JobService, QueueFullError
 from dapple.service.models import UnknownModelError
 
-DEFAULT_MAX_BODY = 32 * 1024 * 1024
 STUDIO_DIR = Path(__file__).with_name("studio")
 STUDIO = STUDIO_DIR / "index.html"
 # The studio's static files, served by these names only (never a client-supplied path).
@@ -53,6 +55,20 @@ def check_network_images(fields: dict[str, Any]) -> None:
     for name in IMAGE_FIELDS:
         if fields.get(name) is not None:
             check_encoded_image(fields[name], what=name)
+
+
+class GalleryFileError(Exception):
+    """A gallery entry whose file cannot be served: gone (410) or not a regular file in the folder (403)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class ErrorBody(BaseModel):
+    """Every error answer of the native API: one readable line naming the field, its value and what is allowed."""
+
+    detail: str
 
 
 def _job_view(job: Job) -> dict[str, Any]:
@@ -77,41 +93,29 @@ def _error(status: int, message: str, **extra: Any) -> JSONResponse:
     return JSONResponse({"detail": message, **extra}, status_code=status)
 
 
-def _basic_auth_ok(header: str | None, credentials: tuple[str, str]) -> bool:
-    """Whether an Authorization header carries these HTTP Basic credentials (constant-time comparison)."""
-    if not header or not header.startswith("Basic "):
-        return False
-    try:
-        user, _, password = base64.b64decode(header[6:]).decode().partition(":")
-    except (ValueError, UnicodeDecodeError):
-        return False
-    return secrets.compare_digest(user, credentials[0]) & secrets.compare_digest(password, credentials[1])
-
-
 def create_app(service: JobService, *, max_body: int = DEFAULT_MAX_BODY, model_name: str = "model",
                model_path: Path | None = None, auth: tuple[str, str] | None = None,
-               cors_origins: list[str] | None = None) -> FastAPI:
+               cors_origins: list[str] | None = None, allowed_hosts: list[str] | None = None,
+               max_json_depth: int = DEFAULT_MAX_JSON_DEPTH) -> FastAPI:
     """The FastAPI app over a job service (the caller starts and stops the service): the native API under
     /api/v1 and AUTOMATIC1111's under /sdapi/v1. auth: HTTP Basic credentials required on every route.
-    cors_origins: origins allowed to call from a browser (none by default)."""
-    app = FastAPI(title="Dapple", version="1", docs_url="/docs")
+    cors_origins: origins allowed to call from a browser (none by default). allowed_hosts: the Host names
+    answered (None: any; `dapple serve` passes guard.default_allowed_hosts). Every request passes guard.py first."""
+    app = FastAPI(title="Dapple", version="1", docs_url="/docs",
+                  responses={422: {"model": ErrorBody, "description": "invalid request: what was wrong and what "
+                                                                     "is allowed"}})
     service.models.default_name = model_name  # what jobs, A1111 options and /models call the default model
     app.include_router(a1111.create_router(service, model_name, model_path))
+    # Outermost first on the way in: Host check, CORS (preflights answered before auth), then the guard.
+    app.add_middleware(Guard, max_body=max_body, max_json_depth=max_json_depth, auth=auth,
+                       allowed_origins=cors_origins or ())
     if cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["*"], allow_headers=["*"])
+        app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["*"], allow_headers=["*"],
+                           allow_credentials=auth is not None)
+    app.add_middleware(HostCheck, allowed_hosts=allowed_hosts)
 
     def a1111_route(request: Request) -> bool:
         return request.url.path.startswith("/sdapi/")
-
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        if auth is not None and not _basic_auth_ok(request.headers.get("authorization"), auth):
-            return JSONResponse({"detail": "authentication required"}, status_code=401,
-                                headers={"WWW-Authenticate": 'Basic realm="dapple"'})
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > max_body:
-            return _error(413, f"request body of {length} bytes is too large; allowed: at most {max_body}")
-        return await call_next(request)
 
     @app.exception_handler(a1111.A1111Error)
     async def a1111_error(request: Request, error: a1111.A1111Error):
@@ -270,9 +274,30 @@ def create_app(service: JobService, *, max_body: int = DEFAULT_MAX_BODY, model_n
 
         return StreamingResponse(stream(), media_type="text/event-stream")
 
+    def gallery_bytes(image_id: str) -> bytes:
+        """A gallery image's file, only if it is a regular file inside the images folder once resolved: a file
+        swapped for a symlink (to anything, inside or out) is refused, a missing one is 410 Gone."""
+        path = service.image_path(image_id)
+        folder = service.images_dir.resolve()
+        try:
+            descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except FileNotFoundError:
+            raise GalleryFileError(410, f"image {image_id!r} is in the gallery but its file is gone") from None
+        except OSError:  # ELOOP: a symlink where the file should be
+            raise GalleryFileError(403, f"image {image_id!r}: its file is not a regular file; refused") from None
+        with os.fdopen(descriptor, "rb") as handle:
+            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode) or path.resolve().parent != folder:
+                raise GalleryFileError(403, f"image {image_id!r}: its file is not a regular file in the "
+                                            "gallery folder; refused")
+            return handle.read()
+
+    @app.exception_handler(GalleryFileError)
+    async def gallery_file_error(request: Request, error: GalleryFileError):
+        return _error(error.status, str(error))
+
     @app.get("/api/v1/images")
-    def gallery(offset: int = 0, limit: int = 50) -> list[dict[str, Any]]:
-        entries = service.images(max(0, offset), max(1, min(limit, 500)))
+    def gallery(offset: int = Query(0, ge=0, le=2**62), limit: int = Query(50, ge=1, le=500)) -> list[dict[str, Any]]:
+        entries = service.images(offset, limit)
         for entry in entries:
             entry.pop("file")
             entry["parameters"] = parse_infotext(entry["infotext"])  # for "use these settings"
@@ -280,11 +305,11 @@ def create_app(service: JobService, *, max_body: int = DEFAULT_MAX_BODY, model_n
 
     @app.get("/api/v1/images/{image_id}")
     def image(image_id: str) -> Response:
-        return Response(service.image_path(image_id).read_bytes(), media_type="image/png")
+        return Response(gallery_bytes(image_id), media_type="image/png")
 
     @app.get("/api/v1/images/{image_id}/thumbnail")
     def thumbnail(image_id: str, size: int = 128) -> Response:
-        with Image.open(service.image_path(image_id)) as picture:
+        with Image.open(io.BytesIO(gallery_bytes(image_id))) as picture:
             picture.thumbnail((max(16, min(size, 512)),) * 2)
             buffer = io.BytesIO()
             picture.convert("RGB").save(buffer, format="PNG")
