@@ -3,8 +3,8 @@
 #
 #   scripts/install.sh [--cpu | --cuda] [--dev] [--venv DIR] [--plan]
 #
-# torch==2.13.0 on PyPI is, for Linux x86_64, the CUDA build: ~2.5 GB of wheels (torch plus ~15 nvidia-*
-# packages), a ~5 GB environment. A machine without an NVIDIA GPU needs none of it. So torch is installed first,
+# torch==2.13.0 on PyPI is, for Linux x86_64, the CUDA build: torch plus ~15 nvidia-* packages, several GB of
+# wheels and a ~5 GB environment. A machine without an NVIDIA GPU needs none of it. So torch is installed first,
 # on its own, from the build chosen here, and Dapple after it, pinned to that torch by constraints.txt:
 #   --cpu   the CPU build (~190 MB wheel): a torch 2.13.0 CPU wheel that pip already finds locally (a wheel folder
 #           in pip's config, as on our machines), else PyTorch's CPU index, https://download.pytorch.org/whl/cpu
@@ -49,7 +49,7 @@ if [[ $build == cpu ]]; then
         exit 2
       fi
       echo "warning: $CPU_INDEX is unreachable; installing PyPI's default torch build instead (CUDA on" \
-           "Linux x86_64: ~2.5 GB more to download; it runs on the CPU too)" >&2
+           "Linux x86_64: several GB more to download; it runs on the CPU too)" >&2
       build=pypi
       "$pip" install -q "$TORCH"
     fi
