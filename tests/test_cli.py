@@ -75,8 +75,10 @@ def test_bad_input_is_one_line_and_exit_code_2(args, message, tiny_model_dir, tm
     paths = {"TINY": tiny_model_dir, "IMAGE": tmp_path / "image.png", "BLACK": tmp_path / "black.png"}
     result = invoke(*[str(paths.get(a, a)) for a in args])
     assert result.exit_code == 2
-    assert result.stderr.strip().splitlines() == [result.stderr.strip()]  # exactly one line
-    assert result.stderr.startswith("error: ") and message in result.stderr
+    lines = result.stderr.strip().splitlines()
+    # one error line, the last; before it at most the line saying the model loaded (for errors that need it)
+    assert lines[-1].startswith("error: ") and message in lines[-1]
+    assert all(line.startswith("loaded ") for line in lines[:-1]), lines
     assert "Traceback" not in result.output
 
 

@@ -31,6 +31,20 @@ USAGE_ERROR = 2
 _defaults = GenerationRequest.model_fields
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from dapple._version import __version__
+
+        typer.echo(f"dapple {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                       help="print Dapple's version and exit")) -> None:
+    """Dapple: Stable Diffusion from the command line."""
+
+
 def say(text: str, err: bool = False) -> None:
     """typer.echo, except that text holding bytes that are not UTF-8 (file names from the shell reach Python as
     surrogates) is written as those bytes instead of failing."""
@@ -123,6 +137,18 @@ def check_device(device: Optional[str]) -> None:
         fail(f"--device {device!r} is not supported; allowed: cpu, cuda, cuda:N, mps")
 
 
+def check_dtype(dtype: Optional[str]) -> None:
+    if dtype is not None:
+        import torch
+
+        from dapple.models.devices import resolve_dtype
+
+        try:
+            resolve_dtype(dtype, torch.device("cpu"))
+        except DappleError as error:
+            fail(f"{error}{_did_you_mean(dtype, ['fp16', 'bf16', 'fp32'])}")
+
+
 def check_output_folder(folder: Path, flag: str = "--out") -> None:
     """An output folder may be missing (it is created) but neither it nor a parent may be a file."""
     for each in (folder, *folder.parents):
@@ -153,8 +179,18 @@ def _safetensors_keys(path: Path, flag: str) -> list[str]:
 
 
 def check_model_file(model: Optional[Path], flag: str = "--model") -> None:
-    """A single-file checkpoint's header is read before loading, so that a damaged file is one line."""
-    if model is not None and model.is_file() and model.suffix.lower() == ".safetensors":
+    """A missing model is named with the nearest name beside it; a single-file checkpoint's header is read before
+    loading, so that a damaged file is one line."""
+    if model is None:
+        return
+    if not model.exists():
+        parent = model.expanduser().parent
+        siblings = [child.name for child in parent.iterdir()] if parent.is_dir() else []
+        nearest = _closest(model.name, siblings) if model.name else None
+        close = f"; did you mean {str(parent / nearest)!r}?" if nearest else ""
+        fail(f"model folder {model} does not exist{close}; give a diffusers model folder or a single-file "
+             "checkpoint (.safetensors), or leave --model out for the built-in model")
+    if model.is_file() and model.suffix.lower() == ".safetensors":
         _safetensors_keys(model, flag)
 
 
@@ -243,9 +279,9 @@ def _run_and_save(fields: dict, *, model: Optional[Path], out: Path, device: Opt
                   allow_pickle: bool, vae: Optional[Path] = None, models_dir: Optional[Path] = None,
                   threads: Optional[int] = None) -> None:
     """Validate a request, load the model, generate with a progress bar per pass, save PNGs, print their paths."""
-    from tqdm import tqdm
-
     import dapple
+    from dapple.engine.hooks import StepHooks
+    from dapple.engine.images import open_image
     from dapple.models.generation_defaults import unset_recommendations
     from dapple.samplers import resolve_sampler
     from dapple.service.outputs import save_result
@@ -258,20 +294,23 @@ def _run_and_save(fields: dict, *, model: Optional[Path], out: Path, device: Opt
         resolve_sampler(request.sampler)
         settings.limits.check(request)
         check_device(settings.device)
+        check_dtype(settings.dtype)
+        for field in ("init_image", "mask", "depth_map"):  # their headers, before the model loads
+            if isinstance(fields.get(field), Path):
+                open_image(fields[field], what=field).close()
         check_output_folder(settings.output_dir)
         _quiet_libraries()
         model, vae, lora_dirs, embedding_dirs = _resolve_names(settings.model, vae, settings.models_dir)
         check_model_file(model)
         check_vae_file(vae)
-        pipe = dapple.load(model, device=settings.device, dtype=settings.dtype, allow_pickle=settings.allow_pickle,
-                           limits=settings.limits, vae=vae, lora_dirs=lora_dirs, embedding_dirs=embedding_dirs,
-                           threads=settings.threads)
-        bars: dict[str, tqdm] = {}
-
-        def advance(context: dapple.StepContext) -> None:
-            if context.phase not in bars:  # the step count is known once the sampler has its timesteps
-                bars[context.phase] = tqdm(total=context.total, desc=context.phase, unit="step", file=sys.stderr)
-            bars[context.phase].update(1)
+        with _loading_message(model):
+            pipe = dapple.load(model, device=settings.device, dtype=settings.dtype,
+                               allow_pickle=settings.allow_pickle, limits=settings.limits, vae=vae,
+                               lora_dirs=lora_dirs, embedding_dirs=embedding_dirs, threads=settings.threads)
+        progress = Progress()
+        # The bar opens before the first step (the step count is known once the sampler has its timesteps).
+        hooks = StepHooks(before_step={"progress": lambda context: progress.begin(context.phase, context.total)},
+                          after_step={"progress": lambda context: progress.advance(context.phase)})
 
         recommended = unset_recommendations(request, pipe.components.generation_defaults)
         if recommended:
@@ -280,10 +319,9 @@ def _run_and_save(fields: dict, *, model: Optional[Path], out: Path, device: Opt
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", DappleWarning)
             try:
-                result = pipe.run(request, callback=advance)
+                result = pipe.run(request, hooks=hooks)
             finally:
-                for bar in bars.values():
-                    bar.close()
+                progress.close()
         for warning in caught:
             if issubclass(warning.category, DappleWarning):
                 typer.echo(f"warning: {warning.message}", err=True)
@@ -294,25 +332,100 @@ def _run_and_save(fields: dict, *, model: Optional[Path], out: Path, device: Opt
         say(str(path))
 
 
-def _did_you_mean(name: str, choices) -> str:
-    """"; did you mean 'Euler a'?" when a close choice exists, else ""."""
+class Progress:
+    """Progress on stderr: a tqdm bar per phase on a terminal; anywhere else (a pipe, a log file, CI) one plain line
+    per phase, without the carriage returns and escape codes a bar would leave there."""
+
+    def __init__(self) -> None:
+        self.bars: dict[str, object] = {}
+        self.terminal = sys.stderr.isatty()
+
+    def begin(self, name: str, total: int, unit: str = "step") -> None:
+        if name in self.bars:
+            return
+        if self.terminal:
+            from tqdm import tqdm
+
+            self.bars[name] = tqdm(total=total, desc=name, unit=unit, file=sys.stderr)
+        else:
+            self.bars[name] = None
+            say(f"{name}: {total} {unit}{'s' if total != 1 else ''}", err=True)
+
+    def advance(self, name: str) -> None:
+        bar = self.bars.get(name)
+        if bar is not None:
+            bar.update(1)
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            if bar is not None:
+                bar.close()
+        self.bars.clear()
+
+
+class _ProgressPipe:
+    """A pipeline that reports the progress of each generate() it is asked for (for the inspect commands, which
+    call generate themselves): per step for one image, per image for a grid."""
+
+    def __init__(self, pipe, progress: Progress, *, name: str, images: int = 0) -> None:
+        self._pipe, self._progress, self._name, self._images = pipe, progress, name, images
+
+    def __getattr__(self, attribute: str):
+        return getattr(self._pipe, attribute)
+
+    def generate(self, prompt: str, **options):
+        callback = options.pop("callback", None)
+
+        def step(context) -> None:
+            if not self._images:
+                self._progress.begin(self._name, context.total)
+                self._progress.advance(self._name)
+            if callback is not None:
+                callback(context)
+
+        if self._images:
+            self._progress.begin(self._name, self._images, unit="image")
+        result = self._pipe.generate(prompt, callback=step, **options)
+        if self._images:
+            self._progress.advance(self._name)
+        return result
+
+
+def _closest(name: str, choices) -> Optional[str]:
+    """The choice nearest to name (difflib's ratio >= 0.5, ignoring case), or None."""
     import difflib
 
     by_fold = {str(choice).casefold(): str(choice) for choice in choices}
-    close = difflib.get_close_matches(name.casefold(), list(by_fold), n=1, cutoff=0.6)
-    return f"; did you mean {by_fold[close[0]]!r}?" if close else ""
+    close = difflib.get_close_matches(name.casefold(), list(by_fold), n=1, cutoff=0.5)
+    return by_fold[close[0]] if close else None
+
+
+def _did_you_mean(name: str, choices) -> str:
+    """"; did you mean 'Euler a'?" when a close choice exists, else ""."""
+    nearest = _closest(name, choices)
+    return f"; did you mean {nearest!r}?" if nearest else ""
+
+
+@contextmanager
+def _closing(progress: Progress) -> Iterator[Progress]:
+    try:
+        yield progress
+    finally:
+        progress.close()
 
 
 @contextmanager
 def _loading_message(model: Optional[Path]) -> Iterator[None]:
-    """One line before a model loads and one after, with the time: loading takes seconds on real models."""
+    """Loading takes seconds on real models: on a terminal a line says so while it runs; then one line with the
+    time (none when loading fails, so that an error stays the only line)."""
     import time
 
     name = "the built-in model" if model is None else str(model)
-    say(f"loading {name} ...", err=True)
+    if sys.stderr.isatty():
+        say(f"loading {name} ...", err=True)
     start = time.perf_counter()
     yield
-    say(f"loaded in {time.perf_counter() - start:.1f}s", err=True)
+    say(f"loaded {name} in {time.perf_counter() - start:.1f}s", err=True)
 
 
 def _resolve_names(model: Optional[Path], vae: Optional[Path], models_dir: Optional[Path]
@@ -324,10 +437,17 @@ def _resolve_names(model: Optional[Path], vae: Optional[Path], models_dir: Optio
     from dapple.models.library import ModelFolders
 
     folders = ModelFolders.from_root(models_dir)
+
+    def find(kind: str, name: str) -> Path:
+        try:
+            return folders.find(kind, name)
+        except DappleError as error:
+            raise type(error)(f"{error}{_did_you_mean(name, [e.name for e in folders.entries(kind)])}") from None
+
     if model is not None and not model.exists():
-        model = folders.find("checkpoints", str(model))
+        model = find("checkpoints", str(model))
     if vae is not None and not vae.exists():
-        vae = folders.find("vae", str(vae))
+        vae = find("vae", str(vae))
     return model, vae, list(folders.loras), list(folders.embeddings)
 
 
@@ -555,6 +675,8 @@ def serve(
     threads: Optional[int] = GenerationOptions.threads,
 ) -> None:
     """Serve the native job API (/api/v1, OpenAPI at /docs) and the A1111 API (/sdapi/v1) on one job queue."""
+    import signal
+
     import uvicorn
 
     import dapple
@@ -574,6 +696,7 @@ def serve(
         fail("--host is empty; give an address to bind, e.g. 127.0.0.1 (this machine only) or 0.0.0.0 (every "
              "interface)")
     check_device(device)
+    check_dtype(dtype)
     check_output_folder(data_dir, "--data-dir")
     if host not in ("127.0.0.1", "localhost", "::1") and credentials is None:
         typer.echo(f"warning: serving on {host} without --api-auth; anyone who can reach it can use it", err=True)
@@ -586,16 +709,19 @@ def serve(
             return dapple.load(path, device=device, dtype=dtype, lora_dirs=lora_dirs, embedding_dirs=embedding_dirs,
                                threads=threads)
 
-        pipe = load(model)  # fail now, not on the first job
+        with _loading_message(model):
+            pipe = load(model)  # fail now, not on the first job
         folders = ModelFolders.from_root(models_dir) if models_dir is not None else None
         pool = ModelPool(lambda: pipe, pipe.components.name, folders, load)
         service = JobService(data_dir, lambda: pipe, queue_size=queue_size, models=pool)
     service.start()
-    try:
+    try:  # uvicorn re-raises SIGTERM once it has shut down: exit through `finally`, which stops the worker
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
         app = create_app(service, model_name=pipe.components.name,
                          model_path=Path(pipe.components.source) if pipe.components.source else None,
                          auth=credentials, cors_origins=cors_origin)
-        server = _ReadyServer(uvicorn.Config(app, host=host, port=port, log_level="warning"),
+        server = _ReadyServer(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                            timeout_graceful_shutdown=3),
                               announce=_serve_announcement(host, port, credentials))
         server.run()
     finally:
@@ -650,6 +776,7 @@ def models(
 ) -> None:
     """List the checkpoints, VAEs, LoRAs and embeddings in a models folder, with A1111's short hashes; without a
     folder, the built-in model (what --model defaults to)."""
+    _quiet_libraries()
     from dapple.api import BUILTIN_MODEL_DIR
     from dapple.models.hashing import short_hash
     from dapple.models.library import KINDS, ModelFolders
@@ -796,6 +923,7 @@ def inspect_schedule(
     threads: Optional[int] = GenerationOptions.threads,
 ) -> None:
     """Plot alphas_cumprod and the timesteps and sigmas each sampler visits."""
+    _quiet_libraries()
     from dapple.api import BUILTIN_MODEL_DIR
     from dapple.inspect import noise_schedule
     from dapple.samplers import resolve_sampler
@@ -863,8 +991,12 @@ def inspect_denoise(
     from dapple.inspect import denoise_steps
 
     with user_errors():
-        _report(denoise_steps(_inspect_pipe(model, out, threads), prompt, out, steps=steps, guidance_scale=guidance, seed=seed,
-                              sampler=sampler, negative_prompt=negative))
+        progress = Progress()
+        pipe = _ProgressPipe(_inspect_pipe(model, out, threads), progress, name="denoising")
+        with _closing(progress):
+            inspection = denoise_steps(pipe, prompt, out, steps=steps, guidance_scale=guidance, seed=seed,
+                                       sampler=sampler, negative_prompt=negative)
+        _report(inspection)
 
 
 @inspect_app.command("guidance")
@@ -888,8 +1020,12 @@ def inspect_guidance(
         if not 1 <= len(axes) <= 2:
             raise DappleError("give one or two of --scales, --steps, --samplers, --seeds (the grid's axes)")
         options = {} if any(name == "seed" for name, _ in axes) else {"seed": seed}
-        _report(parameter_grid(_inspect_pipe(model, out, threads), prompt, out, axes[0], axes[1] if len(axes) > 1 else None,
-                               **options))
+        images = len(axes[0][1]) * (len(axes[1][1]) if len(axes) > 1 else 1)
+        progress = Progress()
+        pipe = _ProgressPipe(_inspect_pipe(model, out, threads), progress, name="grid", images=images)
+        with _closing(progress):
+            inspection = parameter_grid(pipe, prompt, out, axes[0], axes[1] if len(axes) > 1 else None, **options)
+        _report(inspection)
 
 
 @inspect_app.command("unet")
@@ -1064,8 +1200,6 @@ def eval_builtin(
     threads: Optional[int] = GenerationOptions.threads,
 ) -> None:
     """Generate held-out captions and grade colour, background, shape, size and position by image analysis."""
-    from tqdm import tqdm
-
     import dapple
     from dapple.train.evaluate import evaluate_pipeline
 
@@ -1078,10 +1212,11 @@ def eval_builtin(
         with _loading_message(model):
             pipe = dapple.load(model, threads=threads)
         images = []
-        with tqdm(total=n, desc="evaluating", unit="image", file=sys.stderr) as bar:
+        with _closing(Progress()) as progress:
+            progress.begin("evaluating", n, unit="image")
 
             def collect(index: int, caption: str, image) -> None:
-                bar.update(1)
+                progress.advance("evaluating")
                 if index < 64:
                     images.append(image)
 
