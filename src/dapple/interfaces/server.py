@@ -171,9 +171,14 @@ def create_app(service: JobService, *, max_body: int = DEFAULT_MAX_BODY, model_n
     def favicon() -> FileResponse:
         return FileResponse(STUDIO_DIR / "favicon.ico", media_type="image/x-icon")
 
-    @app.get("/api/v1/health")
-    def health() -> dict[str, Any]:
-        return {"status": "ok", "queued": len(service.list("queued", limit=10_000))}
+    @app.get("/api/v1/health", responses={503: {"description": "unhealthy: the reason says why"}})
+    def health() -> JSONResponse:
+        """200 {"status": "ok", ...} while the worker is alive and making progress and the store can be used;
+        503 {"status": "unhealthy", "reason": ...} for a dead or stuck worker, a full disk or a locked database.
+        Also: worker (idle, running, stopping, ...), running (a job id), queued, seconds_since_heartbeat."""
+        state = service.health()
+        ok = state.pop("ok")
+        return JSONResponse({"status": "ok" if ok else "unhealthy", **state}, status_code=200 if ok else 503)
 
     recommendations: dict[str, dict[str, Any]] = {}  # model name -> its folder's recommendation, read once
 
