@@ -114,3 +114,86 @@ def test_weighted_sum_at_alpha_0_and_1_returns_an_input_bit_identically(tmp_path
     merged = load_file(str(merge_checkpoints(paths["a"], paths["b"], tmp_path / "m.safetensors", alpha=alpha)))
     original = load_file(str(paths[source]))
     assert all(torch.equal(merged[name], original[name]) for name in original if name != "position_ids")
+
+
+def _mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+def _normal_mode() -> int:
+    from dapple.files import current_umask
+
+    return 0o666 & ~current_umask()
+
+
+def test_a_refused_pickle_is_one_sentence_without_torchs_advice(tmp_path, tiny_model_dir) -> None:
+    marker = tmp_path / "pwned"
+    torch.save({"state_dict": Exploit(marker)}, tmp_path / "evil.ckpt")  # torch's own zip format
+    runner = CliRunner()
+    for args in (["convert", str(tmp_path / "evil.ckpt")],
+                 ["generate", "x", "--model", str(tmp_path / "evil.ckpt"), "--allow-pickle", "--out",
+                  str(tmp_path / "out")]):
+        result = runner.invoke(app, args)
+        lines = result.stderr.strip().splitlines()
+        assert result.exit_code == 2 and len(lines) == 1, result.output
+        assert "refused" in lines[0] and "GLOBAL posix.system" in lines[0]  # what the file wanted to run
+        assert "weights_only=False" not in lines[0] and "False" not in lines[0] and "trusted" not in lines[0]
+    assert not marker.exists()
+
+
+def test_convert_a_model_folder_to_a_single_file_that_diffusers_loads(tmp_path, tiny_model_dir) -> None:
+    """diffusers' own single-file reader, given the folder as config, is the oracle: every tensor comes back."""
+    from diffusers import StableDiffusionPipeline
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["convert", str(tiny_model_dir), "--out", str(tmp_path / "tiny.safetensors")])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == str(tmp_path / "tiny.safetensors") and "sd1 single-file layout" in result.stderr
+    assert _mode(tmp_path / "tiny.safetensors") == _normal_mode()
+    loaded = StableDiffusionPipeline.from_single_file(str(tmp_path / "tiny.safetensors"), config=str(tiny_model_dir),
+                                                      local_files_only=True, safety_checker=None)
+    reference = StableDiffusionPipeline.from_pretrained(str(tiny_model_dir), local_files_only=True,
+                                                        safety_checker=None)
+    for name in ("unet", "vae", "text_encoder"):
+        ours, theirs = getattr(loaded, name).state_dict(), getattr(reference, name).state_dict()
+        assert ours.keys() == theirs.keys(), name
+        assert all(torch.equal(ours[key], theirs[key]) for key in theirs), name
+    again = runner.invoke(app, ["convert", str(tiny_model_dir), "--out", str(tmp_path / "tiny.safetensors")])
+    assert again.exit_code == 2 and "already exists" in again.stderr
+
+
+def test_merge_works_on_what_create_tiny_model_writes_once_converted(tmp_path) -> None:
+    runner = CliRunner()
+    for name, seed in (("a", "1"), ("b", "2")):
+        assert runner.invoke(app, ["create-tiny-model", str(tmp_path / name), "--seed", seed]).exit_code == 0
+    folders = runner.invoke(app, ["merge", str(tmp_path / "a"), str(tmp_path / "b"), "--out",
+                                  str(tmp_path / "m.safetensors")])
+    assert folders.exit_code == 2 and "is a folder" in folders.stderr and "pickle" not in folders.stderr
+    assert f"dapple convert {tmp_path / 'a'} --out a.safetensors" in folders.stderr
+    for name in "ab":  # the default name: beside the folder
+        converted = runner.invoke(app, ["convert", str(tmp_path / name)])
+        assert converted.exit_code == 0 and converted.stdout.strip() == str(tmp_path / f"{name}.safetensors")
+    merged = runner.invoke(app, ["merge", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"),
+                                 "--alpha", "0.5", "--out", str(tmp_path / "m.safetensors")])
+    assert merged.exit_code == 0, merged.output
+    a, b, m = (load_file(str(tmp_path / f"{n}.safetensors")) for n in "abm")
+    key = "model.diffusion_model.out.2.weight"
+    assert torch.allclose(m[key], (a[key] + b[key]) / 2) and not torch.equal(a[key], b[key])
+    generated = runner.invoke(app, ["generate", "x", "--model", str(tmp_path / "m.safetensors"), "--steps", "1",
+                                    "--out", str(tmp_path / "out")])
+    assert generated.exit_code == 0, generated.output  # the merge is a model Dapple loads
+
+
+def test_written_model_files_have_normal_permissions(tmp_path) -> None:
+    """safetensors writes through a private temporary file (0600); what Dapple writes gets open()'s mode."""
+    runner = CliRunner()
+    assert runner.invoke(app, ["create-tiny-model", str(tmp_path / "tiny"), "--seed", "1"]).exit_code == 0
+    files = [p for p in (tmp_path / "tiny").rglob("*") if p.is_file()]
+    assert any(p.suffix == ".safetensors" for p in files)
+    assert {_mode(p) for p in files} == {_normal_mode()}
+    torch.save({"w": torch.ones(3)}, tmp_path / "x.pt")
+    assert runner.invoke(app, ["convert", str(tmp_path / "x.pt")]).exit_code == 0
+    assert _mode(tmp_path / "x.safetensors") == _normal_mode()
+    image = runner.invoke(app, ["generate", "x", "--model", str(tmp_path / "tiny"), "--steps", "1", "--out",
+                                str(tmp_path / "out")])
+    assert image.exit_code == 0 and _mode(Path(image.stdout.strip())) == _normal_mode()

@@ -9,6 +9,7 @@ import functools
 import inspect
 import json
 import math
+import pickle
 import sys
 import warnings
 from contextlib import contextmanager
@@ -73,6 +74,12 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(USAGE_ERROR) from None
     except OSError as error:
         say(f"error: {_os_error(error)}", err=True)
+        raise typer.Exit(USAGE_ERROR) from None
+    except pickle.UnpicklingError as error:  # --allow-pickle: torch's weights_only loader refused the file
+        from dapple.models.convert import refusal_reason
+
+        say(f"error: torch's weights_only loader refused the pickle (it would have to run code to load): "
+            f"{refusal_reason(str(error))}", err=True)
         raise typer.Exit(USAGE_ERROR) from None
 
 
@@ -624,17 +631,26 @@ def depth2img(
 
 @app.command()
 def convert(
-    source: Path = typer.Argument(..., help="a pickled checkpoint: .ckpt, .pt, .pth or .bin"),
+    source: Path = typer.Argument(..., help="a pickled checkpoint (.ckpt, .pt, .pth, .bin) or a diffusers model "
+                                  "folder"),
     out: Optional[Path] = typer.Option(None, help="output .safetensors (default: beside the source)"),
 ) -> None:
-    """Convert a pickle checkpoint to .safetensors without running its code (torch weights_only, own process)."""
-    from dapple.models.convert import convert_to_safetensors
+    """Convert a pickle checkpoint to .safetensors without running its code (torch weights_only, own process), or
+    a diffusers model folder to one original-layout .safetensors file (for A1111, ComfyUI and `dapple merge`)."""
+    from dapple.models.convert import convert_to_safetensors, folder_to_single_file
 
     with user_errors():
-        target, report = convert_to_safetensors(source, out)
-    skipped = report["skipped"]
-    typer.echo(f"{report['tensors']} tensors written" + (f"; left out non-tensor entries: {', '.join(skipped)}"
-                                                           if skipped else ""), err=True)
+        if out is not None:
+            check_output_file(out, "--out", (".safetensors",))
+        if source.is_dir():
+            _quiet_libraries()
+            target, report = folder_to_single_file(source, out)
+            typer.echo(f"{report['tensors']} tensors written in the {report['family']} single-file layout", err=True)
+        else:
+            target, report = convert_to_safetensors(source, out)
+            skipped = report["skipped"]
+            typer.echo(f"{report['tensors']} tensors written" + (
+                f"; left out non-tensor entries: {', '.join(skipped)}" if skipped else ""), err=True)
     say(str(target))
 
 
@@ -1092,6 +1108,10 @@ def train_builtin(
             raise DappleError(str(error)) from None
         typer.echo(f"{out}: stage {trainer.stage}, step {trainer.step}", err=True)
         model = trainer.run(stop_after=stop_after)
+        if model:
+            from dapple.files import normal_permissions
+
+            normal_permissions(model)  # safetensors would leave the weights 0600
     say(str(model) if model else f"stopped; checkpoint in {trainer.checkpoint_path}")
 
 
@@ -1162,6 +1182,9 @@ def train_export(
         commands = [train, export]
         write_model_card(out, config, run_dir=run, stage=trainer.stage, step=trainer.step, table=table,
                          evaluation=settings, commands=commands)
+        from dapple.files import normal_permissions
+
+        normal_permissions(out)  # safetensors would leave the weights 0600
     say(str(out))
 
 
@@ -1258,8 +1281,10 @@ def create_tiny_model(
     _quiet_libraries()
     from dapple.models.tiny import save_tiny_model
 
+    from dapple.files import normal_permissions
+
     with user_errors():
-        path = save_tiny_model(folder, seed=seed)
+        path = normal_permissions(save_tiny_model(folder, seed=seed))  # safetensors would leave its files 0600
     typer.echo(f"seed {seed}", err=True)
     say(str(path))
 

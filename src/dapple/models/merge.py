@@ -21,8 +21,14 @@ MODES = ("weighted-sum", "add-difference")
 
 
 def _open(stack: ExitStack, path: Path) -> StreamingReader:
+    if path.is_dir():
+        raise DappleError(f"{path} is a folder; merge takes single-file checkpoints (.safetensors). A diffusers "
+                          f"model folder becomes one with `dapple convert {path} --out {path.name}.safetensors`")
+    if path.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin"):
+        raise DappleError(f"{path} is a pickle checkpoint; convert it first with `dapple convert {path}` (which "
+                          "never runs its code)")
     if path.suffix != ".safetensors":
-        raise DappleError(f"{path} is not a .safetensors file; convert pickles first with `dapple convert`")
+        raise DappleError(f"{path} is not a .safetensors file; merge takes single-file checkpoints (.safetensors)")
     if not path.is_file():
         raise DappleError(f"{path} does not exist")
     try:

@@ -32,6 +32,7 @@ from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from dapple.errors import ModelLoadError
+from dapple.files import normal_permissions
 from dapple.models.components import Components
 from dapple.models.devices import resolve_device, resolve_dtype, to_owned_channels_last
 from dapple.models.original_layout import (
@@ -342,7 +343,7 @@ def write_single_file(components: Components, out: str | Path, family: str,
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(out))
-    return out
+    return normal_permissions(out)  # safetensors' temporary file would leave 0600
 
 
 # -- VAE swap -------------------------------------------------------------------------------------------------------
