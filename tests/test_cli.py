@@ -55,18 +55,18 @@ def test_samplers_lists_every_registered_sampler() -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["generate", "x", "--width", "100"], "width=100 is invalid (Input should be a multiple of 8); allowed: multiples of 8"),
-        (["generate", "x", "--steps", "500"], "steps=500 is invalid"),
+        (["generate", "x", "--width", "100"], "--width 100 is invalid (Input should be a multiple of 8); allowed: multiples of 8"),
+        (["generate", "x", "--steps", "500"], "--steps 500 is invalid"),
         (["generate", "x", "--sampler", "Euler b"], "unknown sampler 'Euler b'; valid samplers: Euler,"),
         (["generate", "x", "--model", "/nonexistent/model"], "model folder /nonexistent/model does not exist"),
         (["info", "/nonexistent.png"], "No such file or directory"),
         (["generate", "x", "--model", "TINY", "--dtype", "fp7"], "unknown dtype 'fp7'"),
-        (["generate", "x", "--hires-scale", "5"], "hires_scale=5.0 is invalid"),
-        (["img2img", "/nonexistent.png", "x", "--model", "TINY"], "init_image file '/nonexistent.png' does not exist"),
-        (["img2img", "IMAGE", "x", "--strength", "1.5"], "strength=1.5 is invalid"),
+        (["generate", "x", "--hires-scale", "5"], "--hires-scale 5.0 is invalid"),
+        (["img2img", "/nonexistent.png", "x", "--model", "TINY"], "IMAGE file '/nonexistent.png' does not exist"),
+        (["img2img", "IMAGE", "x", "--strength", "1.5"], "--strength 1.5 is invalid"),
         (["inpaint", "IMAGE", "BLACK", "x", "--model", "TINY"], "nothing to inpaint"),
-        (["outpaint", "IMAGE", "x", "--left", "10"], "outpaint_left=10 is invalid"),
-        (["depth2img", "IMAGE", "IMAGE", "x", "--model", "TINY"], "depth_map needs a depth model"),
+        (["outpaint", "IMAGE", "x", "--left", "10"], "--left 10 is invalid"),
+        (["depth2img", "IMAGE", "IMAGE", "x", "--model", "TINY"], "DEPTH needs a depth model"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(args, message, tiny_model_dir, tmp_path) -> None:

@@ -64,12 +64,39 @@ def _os_error(error: OSError) -> str:
     return f"{error.filename}: {error.strerror}"
 
 
+# Request fields by the names the command line gives them, so that an error names the flag the user typed.
+FIELD_FLAGS = {
+    "prompt": "PROMPT", "init_image": "IMAGE", "mask": "MASK", "depth_map": "DEPTH",
+    "negative_prompt": "--negative", "guidance_scale": "--guidance", "guidance_min_timestep": "--guidance-min-t",
+    "batch_size": "--batch", "hires_scale": "--hires-scale", "hires_upscaler": "--hires-upscaler",
+    "hires_steps": "--hires-steps", "hires_strength": "--hires-strength", "outpaint_left": "--left",
+    "outpaint_right": "--right", "outpaint_top": "--top", "outpaint_bottom": "--bottom", "inpainting_fill": "--fill",
+    "mask_blur": "--mask-blur", "invert_mask": "--invert-mask", "resize_mode": "--resize-mode", "width": "--width",
+    "height": "--height", "steps": "--steps", "seed": "--seed", "sampler": "--sampler", "strength": "--strength",
+}
+
+
+def cli_names(message: str) -> str:
+    """A request error in the command line's words: "outpaint_left=10 is invalid" becomes "--left 10 is invalid",
+    and a field named in the text (outpaint_left, init_image) becomes its flag."""
+    import re
+
+    for field, flag in sorted(FIELD_FLAGS.items(), key=lambda item: -len(item[0])):
+        message = re.sub(rf"(?<![\w.-]){field}=", f"{flag} ", message)
+        if "_" in field:
+            message = re.sub(rf"(?<![\w.-]){field}\b", flag, message)
+    return message
+
+
 @contextmanager
 def user_errors() -> Iterator[None]:
     """Turn the errors a user can cause into one line on stderr and exit code 2."""
     try:
         yield
-    except (DappleError, UnidentifiedImageError) as error:
+    except DappleError as error:
+        say(f"error: {cli_names(str(error))}", err=True)
+        raise typer.Exit(USAGE_ERROR) from None
+    except UnidentifiedImageError as error:
         say(f"error: {error}", err=True)
         raise typer.Exit(USAGE_ERROR) from None
     except OSError as error:
