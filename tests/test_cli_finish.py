@@ -214,3 +214,16 @@ def test_create_tiny_model_never_overwrites_and_picks_a_fresh_seed(tmp_path) -> 
     assert sorted(p.stat().st_mtime_ns for p in (tmp_path / "a").rglob("*")) == before
     (tmp_path / "empty").mkdir()
     assert runner.invoke(app, ["create-tiny-model", str(tmp_path / "empty"), "--seed", "1"]).exit_code == 0
+
+
+@pytest.mark.parametrize(("size", "expected"), [((101, 203), (96, 200)), ((64, 72), (64, 72)), ((70, 45), (64, 64))])
+def test_img2img_without_a_size_rounds_the_images_size_down_to_multiples_of_8(size, expected, tiny_model_dir,
+                                                                              tmp_path) -> None:
+    """As the README says; a side under 64 becomes 64, the smallest size a request may have."""
+    from PIL import Image
+
+    Image.new("RGB", size, "red").save(tmp_path / "in.png")
+    result = runner.invoke(app, ["img2img", str(tmp_path / "in.png"), "x", "--model", str(tiny_model_dir), "--steps",
+                                 "1", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert Image.open(result.stdout.strip()).size == expected
