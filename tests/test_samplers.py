@@ -1,5 +1,7 @@
 """The sampler registry: A1111 names and aliases -> diffusers scheduler classes and configs."""
 
+import re
+
 import pytest
 from diffusers import (
     DPMSolverMultistepScheduler,
@@ -40,10 +42,17 @@ def test_unknown_sampler_lists_the_valid_names() -> None:
 
 
 def test_schedule_type_the_class_lacks_is_an_error() -> None:
-    with pytest.raises(UnknownSamplerError, match="not available for DDIM; valid: Automatic"):
+    with pytest.raises(UnknownSamplerError, match=r"not available for DDIM \(DDIMScheduler steps by timesteps, "
+                       r"not by a sigma schedule\); valid: Automatic, Uniform, SGM Uniform, Simple, Normal, DDIM$"):
         resolve_sampler("DDIM Karras")
-    with pytest.raises(UnknownSamplerError, match="not available for Euler"):
-        resolve_sampler("Euler", "Polyexponential")
+    with pytest.raises(UnknownSamplerError, match="not available for Euler .*no KL Optimal spacing.*valid: "
+                       "Automatic, Uniform, Karras"):
+        resolve_sampler("Euler", "KL Optimal")
+    with pytest.raises(UnknownSamplerError, match="unknown schedule type 'Karas'; valid schedule types: Automatic, "
+                       "Uniform, Karras, Exponential, Polyexponential, SGM Uniform, KL Optimal"):
+        resolve_sampler("Euler", "Karas")
+    with pytest.raises(UnknownSamplerError, match="names schedule type Karras but schedule type 'Exponential'"):
+        resolve_sampler("DPM++ 2M Karras", "Exponential")
 
 
 @pytest.mark.parametrize(
@@ -91,7 +100,8 @@ def test_every_sampler_runs_a_zero_terminal_snr_model_on_its_own_schedule(name) 
                               rescale_betas_zero_snr=True).alphas_cumprod
     scheduler = create_scheduler(name, ZERO_SNR_V, seeds=[0])
     assert torch.allclose(scheduler.alphas_cumprod[:-1], reference[:-1], atol=1e-6)
-    assert float(scheduler.alphas_cumprod[-1]) <= 2**-24  # x_T is pure noise (up to the first finite sigma)
+    # x_T is pure noise (up to the first finite sigma): 2**-24, within float32's rounding of the cumulative product
+    assert float(scheduler.alphas_cumprod[-1]) <= 2**-24 * (1 + 1e-6)
     scheduler.set_timesteps(8)
     assert int(scheduler.timesteps[0]) == 999
     sample = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * scheduler.init_noise_sigma
@@ -105,3 +115,87 @@ def test_every_sampler_runs_a_zero_terminal_snr_model_on_its_own_schedule(name) 
 
 def test_a_plain_schedule_gets_no_trained_betas() -> None:
     assert create_scheduler("Heun", SD15_SCHEDULER_CONFIG).config.trained_betas is None
+
+
+# A1111's schedule types (modules/sd_schedulers.py): label, API name, the diffusers setting that gives the spacing.
+A1111_SCHEDULE_TYPES = [
+    ("Automatic", "automatic", {}), ("Uniform", "uniform", {"timestep_spacing": "linspace"}),
+    ("Karras", "karras", {"use_karras_sigmas": True}), ("Exponential", "exponential", {"use_exponential_sigmas": True}),
+    ("Polyexponential", "polyexponential", {"use_exponential_sigmas": True}),
+    ("SGM Uniform", "sgm_uniform", {"timestep_spacing": "trailing"}), ("KL Optimal", "kl_optimal", None),
+    ("Align Your Steps", "align_your_steps", None), ("Simple", "simple", {"timestep_spacing": "trailing"}),
+    ("Normal", "normal", {"timestep_spacing": "linspace"}), ("DDIM", "ddim", {"timestep_spacing": "leading"}),
+    ("Beta", "beta", {"use_beta_sigmas": True}),
+]
+TIMESTEP_SAMPLERS = ("DDIM", "PNDM", "DDPM", "LCM")  # alpha-bar steppers: no sigma schedule to space
+
+
+@pytest.mark.parametrize(("label", "api_name", "config"), A1111_SCHEDULE_TYPES)
+def test_every_sampler_takes_every_a1111_schedule_type_or_refuses_it_by_name(label, api_name, config) -> None:
+    """By its label, its API name or its combined form, each schedule type gives the diffusers setting it means,
+    for every sampler; a combination diffusers cannot honour is refused naming what that sampler allows."""
+    sigma_based = label in ("Karras", "Exponential", "Polyexponential", "Beta")
+    for spec in SAMPLERS:
+        honoured = config is not None and not (sigma_based and spec.name in TIMESTEP_SAMPLERS)
+        for asked in ((spec.name, label), (spec.name, api_name), (f"{spec.name} {label}", None),
+                      (f"{spec.name.lower()} {api_name}", None)):
+            if not honoured:
+                with pytest.raises(UnknownSamplerError, match=f"not available for {re.escape(spec.name)} .*; valid: Automatic, "
+                                   "Uniform"):
+                    resolve_sampler(*asked)
+                continue
+            choice = resolve_sampler(*asked)
+            assert (choice.spec.name, choice.schedule_type) == (spec.name, label)
+            scheduler = create_scheduler(choice, SD15_SCHEDULER_CONFIG)
+            for key, value in config.items():
+                if spec.name == "Euler a" and key.startswith("use_"):  # diffusers' Euler a has no such switch
+                    assert type(scheduler).spacing == key.removeprefix("use_").removesuffix("_sigmas")
+                else:
+                    assert scheduler.config[key] == value
+            # one spacing at a time: the other sigma switches are off
+            for flag in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"):
+                if flag in scheduler.config and flag not in config and label != "Automatic":
+                    assert scheduler.config[flag] is False
+
+
+def test_a_schedule_type_overrides_the_model_configs_own_spacing() -> None:
+    karras_model = {**SD15_SCHEDULER_CONFIG, "use_karras_sigmas": True}
+    assert create_scheduler("DPM++ 2M", karras_model).config.use_karras_sigmas is True  # Automatic keeps it
+    normal = create_scheduler(resolve_sampler("DPM++ 2M", "Normal"), karras_model)
+    assert (normal.config.use_karras_sigmas, normal.config.timestep_spacing) == (False, "linspace")
+    beta = create_scheduler(resolve_sampler("DPM++ 2M", "beta"), karras_model)
+    assert (beta.config.use_karras_sigmas, beta.config.use_beta_sigmas) == (False, True)
+
+
+@pytest.mark.parametrize("spacing", ["Karras", "Exponential", "Beta"])
+def test_euler_a_follows_the_same_sigmas_and_timesteps_as_diffusers_euler(spacing) -> None:
+    """diffusers' Euler a has no sigma switches: Dapple's subclass spaces it exactly as diffusers' Euler does."""
+    import torch
+
+    ancestral = create_scheduler(f"Euler a {spacing}", SD15_SCHEDULER_CONFIG)
+    euler = create_scheduler(f"Euler {spacing}", SD15_SCHEDULER_CONFIG)
+    assert isinstance(ancestral, EulerAncestralDiscreteScheduler)
+    for steps in (1, 2, 7, 20):
+        ancestral.set_timesteps(steps)
+        euler.set_timesteps(steps)
+        assert torch.allclose(ancestral.sigmas, euler.sigmas) and torch.allclose(ancestral.timesteps, euler.timesteps)
+    plain = create_scheduler("Euler a", SD15_SCHEDULER_CONFIG)
+    plain.set_timesteps(20)
+    assert not torch.allclose(plain.sigmas, ancestral.sigmas)  # the spacing really changed
+    assert float(ancestral.init_noise_sigma) == pytest.approx(float((ancestral.sigmas.max() ** 2 + 1) ** 0.5))
+
+
+def test_pndm_skips_the_runge_kutta_warm_up_unless_the_model_config_asks_for_it() -> None:
+    """PLMS as SD and A1111 run it: a model config without skip_prk_steps (the built-in model's DDIM config) gets
+    PLMS's warm-up; one that sets it false keeps PNDM's Runge-Kutta steps, which need 4 steps at least."""
+    from dapple.errors import InvalidRequestError
+    from dapple.samplers import set_timesteps
+
+    without = {key: value for key, value in SD15_SCHEDULER_CONFIG.items() if key != "skip_prk_steps"}
+    assert create_scheduler("PLMS", without).config.skip_prk_steps is True
+    prk = create_scheduler("PLMS", {**SD15_SCHEDULER_CONFIG, "skip_prk_steps": False})
+    assert prk.config.skip_prk_steps is False
+    set_timesteps(prk, resolve_sampler("PLMS"), 4)
+    assert len(prk.prk_timesteps) > 0
+    with pytest.raises(InvalidRequestError, match="steps=3 is not possible with sampler 'PNDM'.*at least 4 steps"):
+        set_timesteps(prk, resolve_sampler("PLMS"), 3)

@@ -1,9 +1,11 @@
 """Sampler registry: the names people know from AUTOMATIC1111 mapped onto diffusers' scheduler classes.
 
 Dapple owns only the mapping; the sampling math is diffusers'. A sampler is a scheduler class plus config
-overrides; a *schedule type* ("Automatic", "Karras", "Exponential") picks how the noise levels are spaced
-(Karras et al., 2022, "Elucidating the Design Space of Diffusion-Based Generative Models", eq. 5, for Karras).
-A1111's combined names such as "DPM++ 2M Karras" are accepted as well. Unknown names raise, never fall back.
+overrides; a *schedule type* (A1111's list: "Automatic", "Karras", "SGM Uniform", "Beta"...) picks how the noise
+levels are spaced (Karras et al., 2022, "Elucidating the Design Space of Diffusion-Based Generative Models", eq. 5,
+for Karras), each as the diffusers setting that gives it: a timestep spacing (linspace, leading, trailing) for
+every class, a sigma spacing for the classes with a sigma schedule. A1111's combined names such as "DPM++ 2M
+Karras" are accepted as well. Unknown names, and combinations diffusers cannot honour, raise; never a fallback.
 """
 
 from __future__ import annotations
@@ -16,14 +18,73 @@ from typing import Any
 import diffusers
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from dapple.errors import UnknownSamplerError
+from dapple.errors import InvalidRequestError, UnknownSamplerError
 
-# Schedule type -> the scheduler init argument that switches it on ("Automatic" keeps the model's own spacing).
-SCHEDULE_TYPES: dict[str, dict[str, Any]] = {
-    "Automatic": {},
-    "Karras": {"use_karras_sigmas": True},
-    "Exponential": {"use_exponential_sigmas": True},
+@dataclass(frozen=True)
+class ScheduleType:
+    """One of A1111's schedule types (its modules/sd_schedulers.py), as the diffusers scheduler config that gives
+    the same spacing of noise levels. `name` is A1111's API name ("sgm_uniform"), `label` its display name."""
+
+    name: str
+    label: str
+    config: Mapping[str, Any]
+    aliases: tuple[str, ...] = ()
+    default_rho: float = -1
+    need_inner_model: bool = False
+    description: str = ""
+    sigmas: bool = False  # a spacing of sigmas (Karras...), which only classes with a sigma schedule can follow
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (self.label, self.name, *self.aliases)
+
+
+# The sigma-spacing switches of diffusers' k-diffusion-style classes; a schedule type that sets one clears the others.
+SIGMA_FLAGS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
+
+SCHEDULE_TYPE_LIST: tuple[ScheduleType, ...] = (
+    ScheduleType("automatic", "Automatic", {}, description="the model's own spacing (its scheduler config)"),
+    ScheduleType("uniform", "Uniform", {"timestep_spacing": "linspace"}, need_inner_model=True,
+                 description="timesteps evenly from the last to the first (k-diffusion's get_sigmas)"),
+    ScheduleType("karras", "Karras", {"use_karras_sigmas": True}, default_rho=7.0, sigmas=True,
+                 description="Karras et al. 2022, eq. 5 (rho 7)"),
+    ScheduleType("exponential", "Exponential", {"use_exponential_sigmas": True}, sigmas=True,
+                 description="sigmas evenly spaced in log sigma"),
+    # k-diffusion's polyexponential at A1111's rho 1 is exp(linspace(log sigma_max, log sigma_min)): exponential.
+    ScheduleType("polyexponential", "Polyexponential", {"use_exponential_sigmas": True}, default_rho=1.0,
+                 sigmas=True, description="polyexponential at rho 1 (A1111's default), which is the exponential one"),
+    ScheduleType("sgm_uniform", "SGM Uniform", {"timestep_spacing": "trailing"}, aliases=("SGMUniform",),
+                 need_inner_model=True, description="timesteps evenly from the first, the last left out (trailing)"),
+    ScheduleType("kl_optimal", "KL Optimal", {}, sigmas=True,
+                 description="sigmas spaced evenly in arctan(sigma); diffusers has no such schedule"),
+    ScheduleType("align_your_steps", "Align Your Steps", {}, sigmas=True,
+                 description="Sabour et al. 2024's tabulated schedules; diffusers has no such schedule switch"),
+    ScheduleType("simple", "Simple", {"timestep_spacing": "trailing"}, need_inner_model=True,
+                 description="every (1000/steps)-th timestep from the top (ComfyUI's simple; trailing)"),
+    ScheduleType("normal", "Normal", {"timestep_spacing": "linspace"}, need_inner_model=True,
+                 description="timesteps evenly from sigma_max's to sigma_min's (linspace)"),
+    ScheduleType("ddim", "DDIM", {"timestep_spacing": "leading"}, need_inner_model=True,
+                 description="every (1000/steps)-th timestep from the model's offset up (DDIM's leading spacing)"),
+    ScheduleType("beta", "Beta", {"use_beta_sigmas": True}, need_inner_model=True, sigmas=True,
+                 description="Lee et al. 2024, beta(0.6, 0.6) spacing of timesteps"),
+)
+# Schedule types diffusers offers no switch for: refused (never run on another spacing) with what is allowed.
+UNSUPPORTED_SCHEDULE_TYPES = ("KL Optimal", "Align Your Steps")
+
+# Label -> the scheduler init arguments that switch it on ("Automatic" keeps the model's own spacing).
+SCHEDULE_TYPES: dict[str, dict[str, Any]] = {kind.label: dict(kind.config) for kind in SCHEDULE_TYPE_LIST}
+_SCHEDULE_BY_NAME: dict[str, ScheduleType] = {
+    key.casefold(): kind for kind in SCHEDULE_TYPE_LIST for key in kind.names
 }
+# The schedule types that older A1111 versions folded into sampler names ("DPM++ 2M Karras"); sampler_names()
+# lists these combined forms, resolve_sampler accepts every "<sampler> <schedule type>" combination.
+COMBINED_NAME_TYPES = ("Karras", "Exponential")
+
+
+def _beta_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("scipy") is not None  # diffusers' beta sigmas use scipy.stats
 
 
 @dataclass(frozen=True)
@@ -35,6 +96,7 @@ class SamplerSpec:
     config: Mapping[str, Any] = field(default_factory=dict)
     aliases: tuple[str, ...] = ()
     description: str = ""
+    defaults: Mapping[str, Any] = field(default_factory=dict)  # config a model's scheduler config may override
 
     @property
     def scheduler_class(self) -> type[SchedulerMixin]:
@@ -42,9 +104,19 @@ class SamplerSpec:
 
     @property
     def schedule_types(self) -> list[str]:
-        """The schedule types this scheduler class implements."""
+        """The schedule types this sampler follows: timestep spacings for every class; sigma spacings (Karras,
+        Exponential, Beta) for the classes with a sigma schedule (diffusers' switch, or Euler a's own below)."""
         params = inspect.signature(self.scheduler_class.__init__).parameters
-        return [name for name, flags in SCHEDULE_TYPES.items() if all(key in params for key in flags)]
+        sigma_based = all(flag in params for flag in SIGMA_FLAGS) or self.name in SIGMA_SPACED
+        kinds = []
+        for kind in SCHEDULE_TYPE_LIST:
+            if kind.label in UNSUPPORTED_SCHEDULE_TYPES or (kind.sigmas and not sigma_based):
+                continue
+            if kind.label == "Beta" and not _beta_available():
+                continue
+            if all(key in params for key in kind.config) or (kind.sigmas and self.name in SIGMA_SPACED):
+                kinds.append(kind.label)
+        return kinds
 
 
 SAMPLERS: tuple[SamplerSpec, ...] = (
@@ -57,7 +129,9 @@ SAMPLERS: tuple[SamplerSpec, ...] = (
     SamplerSpec("LMS", "LMSDiscreteScheduler", aliases=("k_lms",), description="linear multistep (k-diffusion)"),
     SamplerSpec("DDIM", "DDIMScheduler", aliases=("ddim",),
                 description="denoising diffusion implicit models (Song et al. 2020), eta = 0"),
-    SamplerSpec("PNDM", "PNDMScheduler", aliases=("PLMS", "plms", "pndm"),
+    # PLMS as the original SD repo (and A1111) run it starts with lower-order multistep steps, not PNDM's
+    # Runge-Kutta warm-up (which needs 4 steps at least): skip_prk_steps, unless the model's config says otherwise.
+    SamplerSpec("PNDM", "PNDMScheduler", aliases=("PLMS", "plms", "pndm"), defaults={"skip_prk_steps": True},
                 description="pseudo numerical methods (Liu et al. 2022); PLMS in the original SD repo"),
     SamplerSpec("DDPM", "DDPMScheduler", aliases=("ddpm",),
                 description="ancestral sampling of Ho et al. 2020, with fewer steps"),
@@ -98,36 +172,101 @@ class SamplerChoice:
 
 
 def sampler_names() -> list[str]:
-    """Every accepted name: samplers and the combined "<sampler> <schedule type>" forms."""
+    """The samplers and the combined "<sampler> <schedule type>" names older A1111 versions listed ("DPM++ 2M
+    Karras"); resolve_sampler takes every other combination (spec.schedule_types) as well."""
     names = []
     for spec in SAMPLERS:
         names.append(spec.name)
-        names += [f"{spec.name} {kind}" for kind in spec.schedule_types if kind != "Automatic"]
+        names += [f"{spec.name} {kind}" for kind in spec.schedule_types if kind in COMBINED_NAME_TYPES]
     return names
 
 
-def _schedule_type(name: str) -> str | None:
-    return next((kind for kind in SCHEDULE_TYPES if kind.casefold() == name.strip().casefold()), None)
+def find_schedule_type(name: str) -> ScheduleType | None:
+    """A schedule type by its label, A1111 API name or alias, in any case ("Karras", "karras", "SGMUniform")."""
+    return _SCHEDULE_BY_NAME.get(name.strip().casefold())
+
+
+def _split_combined(name: str) -> tuple[SamplerSpec, ScheduleType] | None:
+    """A combined name such as "DPM++ 2M Karras" or "Euler a sgm_uniform" -> its sampler and schedule type."""
+    stripped = name.strip()
+    for kind in SCHEDULE_TYPE_LIST:
+        for option in kind.names:
+            if stripped.casefold().endswith(" " + option.casefold()):
+                spec = _BY_NAME.get(stripped[: -len(option) - 1].strip().casefold())
+                if spec is not None:
+                    return spec, kind
+    return None
+
+
+def _why_not(spec: SamplerSpec, kind: ScheduleType) -> str:
+    if kind.label in UNSUPPORTED_SCHEDULE_TYPES:
+        return f"diffusers' schedulers have no {kind.label} spacing"
+    if kind.label == "Beta" and not _beta_available():
+        return "diffusers' beta sigmas need scipy (pip install scipy)"
+    return f"{spec.class_name} steps by timesteps, not by a sigma schedule"
 
 
 def resolve_sampler(name: str, schedule_type: str | None = None) -> SamplerChoice:
-    """Map a user-facing sampler name (and optional schedule type) to a SamplerChoice, or raise."""
+    """Map a user-facing sampler name (and optional schedule type: a label such as "SGM Uniform", or A1111's API
+    name such as "sgm_uniform") to a SamplerChoice, or raise."""
     key = name.strip().casefold()
     spec = _BY_NAME.get(key)
     if spec is None:  # a combined alias such as "DPM++ 2M Karras"
-        base, _, suffix = name.strip().rpartition(" ")
-        suffix_type = _schedule_type(suffix)
-        if suffix_type and base.casefold() in _BY_NAME and schedule_type in (None, "Automatic", suffix_type):
-            spec, schedule_type = _BY_NAME[base.casefold()], suffix_type
+        combined = _split_combined(name)
+        if combined is not None:
+            given = None if schedule_type is None else find_schedule_type(schedule_type)
+            if given is not None and given.label not in ("Automatic", combined[1].label):
+                raise UnknownSamplerError(f"sampler {name!r} names schedule type {combined[1].label} but "
+                                          f"schedule type {schedule_type!r} was asked for; give one of them")
+            spec, schedule_type = combined[0], combined[1].label
     if spec is None:
         raise UnknownSamplerError(f"unknown sampler {name!r}; valid samplers: {', '.join(sampler_names())}")
-    kind = "Automatic" if schedule_type is None else _schedule_type(schedule_type)
-    if kind is None or kind not in spec.schedule_types:
+    kind = find_schedule_type("Automatic" if schedule_type is None else schedule_type)
+    if kind is None:
+        raise UnknownSamplerError(f"unknown schedule type {schedule_type!r}; valid schedule types: "
+                                  f"{', '.join(kind.label for kind in SCHEDULE_TYPE_LIST)}")
+    if kind.label not in spec.schedule_types:
         raise UnknownSamplerError(
-            f"schedule type {schedule_type!r} is not available for {spec.name}; "
+            f"schedule type {schedule_type!r} is not available for {spec.name} ({_why_not(spec, kind)}); "
             f"valid: {', '.join(spec.schedule_types)}"
         )
-    return SamplerChoice(spec, kind)
+    return SamplerChoice(spec, kind.label)
+
+
+class _SigmaSpacedEulerAncestral(diffusers.EulerAncestralDiscreteScheduler):
+    """Euler a on a Karras, exponential or beta spacing of sigmas, which diffusers' Euler a has no switch for.
+
+    The sigmas are diffusers' Euler's for the same switch (its _convert_to_* on the spaced sigmas) and the
+    timesteps the UNet sees are the ones those sigmas belong to (its _sigma_to_t), as EulerDiscreteScheduler
+    computes them; the ancestral step itself is diffusers' unchanged. `spacing` is set by the subclasses below."""
+
+    spacing = ""
+
+    def set_timesteps(self, num_inference_steps: int, device: Any = None) -> None:
+        import numpy as np
+        import torch
+
+        super().set_timesteps(num_inference_steps, device=device)
+        euler = diffusers.EulerDiscreteScheduler
+        convert = {"karras": euler._convert_to_karras, "exponential": euler._convert_to_exponential,
+                   "beta": euler._convert_to_beta}[self.spacing]
+        log_sigmas = np.log(np.array(((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5))
+        sigmas = np.asarray(convert(self, in_sigmas=self.sigmas[:-1].numpy(),
+                                    num_inference_steps=num_inference_steps), dtype=np.float64)
+        timesteps = np.array([euler._sigma_to_t(self, sigma, log_sigmas) for sigma in sigmas], dtype=np.float32)
+        self.sigmas = torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32))  # kept on the CPU
+        self.timesteps = torch.from_numpy(timesteps).to(device=device)
+        self._step_index = None
+        self._begin_index = None
+
+
+# Samplers whose diffusers class lacks the sigma switches, and the subclass per switch that gives them.
+SIGMA_SPACED: dict[str, dict[str, type[SchedulerMixin]]] = {
+    "Euler a": {
+        flag: type(f"EulerAncestral{spacing.title()}Scheduler", (_SigmaSpacedEulerAncestral,), {"spacing": spacing})
+        for flag, spacing in zip(SIGMA_FLAGS, ("karras", "exponential", "beta"))
+    },
+}
 
 
 def create_scheduler(
@@ -144,16 +283,49 @@ def create_scheduler(
     if isinstance(choice, str):
         choice = resolve_sampler(choice)
     spec = choice.spec
-    overrides: dict[str, Any] = {**spec.config, **SCHEDULE_TYPES[choice.schedule_type]}
-    params = inspect.signature(spec.scheduler_class.__init__).parameters
+    scheduler_class = spec.scheduler_class
+    kind_config = dict(SCHEDULE_TYPES[choice.schedule_type])
+    params = inspect.signature(scheduler_class.__init__).parameters
+    if choice.schedule_type != "Automatic":  # one sigma spacing, not the model config's as well
+        kind_config = {**{flag: False for flag in SIGMA_FLAGS if flag in params}, **kind_config}
+    flag = next((key for key in kind_config if key in SIGMA_FLAGS and key not in params), None)
+    if flag is not None:  # e.g. Euler a Karras: diffusers' class has no switch; Dapple's subclass spaces it
+        scheduler_class = SIGMA_SPACED[spec.name][flag]
+        kind_config.pop(flag)
+    overrides: dict[str, Any] = {**spec.config, **kind_config}
     if seeds is not None and "noise_sampler_seed" in params:
         overrides["noise_sampler_seed"] = list(seeds)
     # Keep only what this class takes: a PNDM config's skip_prk_steps means nothing to LCM (and would be logged).
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     config = {k: v for k, v in dict(base_config).items() if not k.startswith("_") and (takes_any or k in params)}
+    config.update({k: v for k, v in spec.defaults.items() if k not in config and (takes_any or k in params)})
     if base_config.get("rescale_betas_zero_snr") and "rescale_betas_zero_snr" not in params:
         config["trained_betas"] = zero_terminal_snr_betas(base_config)
-    return spec.scheduler_class.from_config(config, **overrides)
+    return scheduler_class.from_config(config, **overrides)
+
+
+def set_timesteps(scheduler: SchedulerMixin, choice: SamplerChoice, steps: int, device: Any = None) -> None:
+    """scheduler.set_timesteps(steps), refusing (InvalidRequestError, never a crash or a NaN image) a step count
+    the sampler cannot take on this schedule: PNDM's Runge-Kutta warm-up below 4 steps, or a schedule whose
+    timesteps or sigmas are not finite (DPM2 a's ancestral step from a zero-terminal-SNR model's first sigma
+    straight to its last makes diffusers' interpolated sigma 0 and its timestep NaN)."""
+    import torch
+
+    def refuse(reason: str) -> InvalidRequestError:
+        return InvalidRequestError(f"steps={steps} is not possible with sampler {choice.label!r} on this model's "
+                                   f"schedule: {reason}; use more steps or another sampler or schedule type")
+
+    if getattr(scheduler.config, "skip_prk_steps", True) is False and steps < 4:
+        raise refuse("PNDM's Runge-Kutta warm-up (skip_prk_steps false in the model's scheduler config) needs "
+                     "at least 4 steps")
+    try:
+        scheduler.set_timesteps(steps, device=device)
+    except (ValueError, IndexError, ZeroDivisionError) as error:
+        raise refuse(f"diffusers' {type(scheduler).__name__} says: {error}") from None
+    for name in ("timesteps", "sigmas"):
+        values = getattr(scheduler, name, None)
+        if isinstance(values, torch.Tensor) and not torch.isfinite(values.float()).all():
+            raise refuse(f"diffusers' {type(scheduler).__name__} makes non-finite {name} for it")
 
 
 # The last alpha_bar of a zero-terminal-SNR schedule as samplers use it: 0 would make its sigma infinite.

@@ -27,7 +27,7 @@ from dapple.infotext import format_infotext
 from dapple.models.components import Components
 from dapple.models.embeddings import name_pattern
 from dapple.request import MAX_SEED, GenerationRequest, GenerationResult
-from dapple.samplers import SamplerChoice, create_scheduler, resolve_sampler
+from dapple.samplers import SamplerChoice, create_scheduler, resolve_sampler, set_timesteps
 
 
 def batch_seeds(seed: int, batch_size: int) -> list[int]:
@@ -111,7 +111,7 @@ class Run:
     def scheduler(self, steps: int) -> SchedulerMixin:
         """A fresh scheduler for this run's sampler with `steps` timesteps set."""
         scheduler = create_scheduler(self.choice, self.components.scheduler_config, seeds=self.seeds)
-        scheduler.set_timesteps(steps, device=self.device)
+        set_timesteps(scheduler, self.choice, steps, self.device)  # a step count it cannot take is refused
         return scheduler
 
     def denoise(
