@@ -173,14 +173,18 @@ def test_stop_gives_up_on_a_hung_job_and_requeues_it_in_the_database(tmp_path, p
 
 def test_a_job_running_at_two_deaths_is_failed_not_retried(tmp_path, pipe) -> None:
     service = JobService(tmp_path / "data", lambda: pipe)
-    once, twice = service.submit(FAST), service.submit(FAST)
+    once, twice, hung_twice = service.submit(FAST), service.submit(FAST), service.submit(FAST)
     service._db.execute("UPDATE jobs SET status='running', attempts=1 WHERE id=?", (once.id,))
     service._db.execute("UPDATE jobs SET status='running', attempts=2 WHERE id=?", (twice.id,))
+    service._db.execute("UPDATE jobs SET attempts=2 WHERE id=?", (hung_twice.id,))  # requeued by 2 forced stops
     service.start()
     try:
         wait_for(lambda: service.get(once.id).status == "finished")
-        failed = service.get(twice.id)
-        assert failed.status == "failed" and "the worker died twice while running this job" in failed.error
+        wait_for(lambda: service.get(hung_twice.id).status != "queued")
+        for job_id in (twice.id, hung_twice.id):
+            failed = service.get(job_id)
+            assert failed.status == "failed" and "the worker died twice while running this job" in failed.error
+        assert service.get(once.id).attempts == 2 and len(service.images()) == 1
     finally:
         service.stop()
 

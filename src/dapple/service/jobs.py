@@ -8,8 +8,9 @@
   fails that job with a reason and the worker goes on; store errors (a locked or full database) are retried.
 - After a crash or kill -9, start() puts the job that was running back in the queue; it runs again and writes
   the same file names, so no job is lost and none ends in the gallery twice. Each claim counts an attempt in
-  the database: a job that was running when the process died twice is failed instead of retried forever (a
-  poison job). start() also removes what a killed write left behind (temp files, unrecorded images).
+  the database: a job whose attempts ended twice with the process dying (or with a forced stop, below) is failed
+  instead of retried forever (a poison job). start() also removes what a killed write left behind (temp files,
+  unrecorded images).
 - stop() is bounded: it lets the running job finish for `drain` seconds, then interrupts it at its next step and
   puts it back in the queue (that attempt does not count), and after `timeout` more seconds gives up on the
   thread and requeues the job in the database itself. Every accepted job ends queued or finished, never running.
@@ -203,15 +204,8 @@ class JobService:
         """Recover from a crash (requeue the job that was running, or fail it if it has now been running at two
         deaths of the process; remove half-written files), then start the worker."""
         with self._lock:
-            now = time.time()
-            for job_id, attempts in self._db.execute("SELECT id, attempts FROM jobs WHERE status='running'"):
-                if attempts >= MAX_WORKER_DEATHS:
-                    reason = (f"the worker died twice while running this job (the process was killed or crashed "
-                              f"during each of its {attempts} attempts); it is not retried")
-                    self._db.execute("UPDATE jobs SET status='failed', ended=?, error=? WHERE id=?",
-                                     (now, reason, job_id))
-                    log.error("job %s: %s", job_id, reason)
-                else:
+            for (job_id,) in self._db.execute("SELECT id FROM jobs WHERE status='running'").fetchall():
+                if not self._poisoned(job_id):  # requeued: its attempt stays counted
                     self._db.execute("UPDATE jobs SET status='queued', started=NULL, step=0 WHERE id=?", (job_id,))
             self._remove_leftovers()
         self._stopping = False
@@ -219,6 +213,19 @@ class JobService:
         self._beat = time.monotonic()
         self._worker = threading.Thread(target=self._work, name="dapple-worker", daemon=True)
         self._worker.start()
+
+    def _poisoned(self, job_id: str) -> bool:
+        """Fail a job whose earlier attempts ended with the process dying or a forced stop MAX_WORKER_DEATHS
+        times (an attempt that ends any other way is over, or given back by a graceful stop). Under the lock."""
+        attempts = self._db.execute("SELECT attempts FROM jobs WHERE id=?", (job_id,)).fetchone()[0]
+        if attempts < MAX_WORKER_DEATHS:
+            return False
+        reason = (f"the worker died twice while running this job (the process was killed, crashed or had to be "
+                  f"stopped during each of its {attempts} attempts); it is not retried")
+        self._db.execute("UPDATE jobs SET status='failed', ended=?, error=? WHERE id=?", (time.time(), reason, job_id))
+        log.error("job %s: %s", job_id, reason)
+        self._emit(job_id, {"event": "failed", "error": reason})
+        return True
 
     def _remove_leftovers(self) -> None:
         """Files a killed write left: temp files, and images of jobs that are not finished (they run again and
@@ -491,6 +498,8 @@ class JobService:
                     try:
                         row = self._db.execute("SELECT id FROM jobs WHERE status='queued' ORDER BY seq LIMIT 1"
                                                ).fetchone()
+                        if row is not None and self._poisoned(row[0]):  # e.g. hung past two forced stops
+                            continue
                         if row is not None:
                             self._db.execute("UPDATE jobs SET status='running', started=?, step=0, "
                                              "attempts=attempts+1 WHERE id=? AND status='queued'",
