@@ -400,3 +400,30 @@ def test_kill_9_during_an_image_write_then_the_job_finishes_once(tmp_path, tiny_
                 picture.load()  # complete PNGs
     finally:
         service.stop()
+
+
+def test_start_removes_what_a_killed_write_left_and_nothing_else(tmp_path, pipe) -> None:
+    data = tmp_path / "data"
+    first = JobService(data, lambda: pipe)
+    first.start()
+    done = first.submit(FAST)
+    wait_for(lambda: first.get(done.id).status == "finished")
+    first.stop()
+    killed = first.submit({**FAST, "batch_size": 2})
+    first._db.execute("UPDATE jobs SET status='running', attempts=1 WHERE id=?", (killed.id,))  # as a kill leaves it
+    images = data / "images"
+    (images / f"{killed.id}-0.png").write_bytes(b"a whole but unrecorded image")
+    (images / f".{killed.id}-1.png.tmp").write_bytes(b"\x89PNG half")
+    (images / "my-notes.txt").write_text("not Dapple's")
+    gate = threading.Event()
+    second = JobService(data, lambda: (gate.wait(30), pipe)[1])  # the worker waits before its first job
+    second.start()
+    try:
+        assert sorted(p.name for p in images.iterdir()) == sorted([f"{done.id}-0.png", "my-notes.txt"])
+        gate.set()
+        wait_for(lambda: second.get(killed.id).status == "finished")
+        assert sorted(p.name for p in images.iterdir()) == sorted(
+            [f"{done.id}-0.png", f"{killed.id}-0.png", f"{killed.id}-1.png", "my-notes.txt"])
+    finally:
+        gate.set()
+        second.stop()
