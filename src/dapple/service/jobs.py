@@ -201,8 +201,8 @@ class JobService:
 
     # -- lifecycle ------------------------------------------------------------------------------------------
     def start(self) -> None:
-        """Recover from a crash (requeue the job that was running, or fail it if it has now been running at two
-        deaths of the process; remove half-written files), then start the worker."""
+        """Recover from a crash (requeue the job that was running, or fail it if this was the second death of
+        the process while it ran; remove half-written files), then start the worker."""
         with self._lock:
             for (job_id,) in self._db.execute("SELECT id FROM jobs WHERE status='running'").fetchall():
                 if not self._poisoned(job_id):  # requeued: its attempt stays counted
@@ -234,8 +234,11 @@ class JobService:
         for path in self.images_dir.iterdir():
             match = _JOB_IMAGE.match(path.name)
             stale_temp = path.name.startswith(".") and path.name.endswith(".png.tmp")
-            if stale_temp or (match and match.group(1) not in finished and path.is_file()):
-                path.unlink(missing_ok=True)
+            if (stale_temp or (match and match.group(1) not in finished)) and path.is_file():
+                try:
+                    path.unlink(missing_ok=True)
+                except OSError as error:
+                    log.warning("could not remove %s: %s", path, error)
 
     def stop(self, drain: float = 3.0, timeout: float = 3.0) -> None:
         """Stop the worker within about drain + timeout seconds; queued jobs stay queued for the next start.
@@ -259,9 +262,12 @@ class JobService:
             if worker.is_alive() and self._running is not None:
                 job_id = self._running
                 self._abandoned.add(job_id)
-                with self._lock:
-                    self._db.execute("UPDATE jobs SET status='queued', started=NULL, step=0 "
-                                     "WHERE id=? AND status='running'", (job_id,))
+                try:
+                    with self._lock:
+                        self._db.execute("UPDATE jobs SET status='queued', started=NULL, step=0 "
+                                         "WHERE id=? AND status='running'", (job_id,))
+                except sqlite3.Error as error:  # still "running": the next start requeues it all the same
+                    log.warning("job %s could not be requeued now (%s)", job_id, error)
                 log.warning("job %s did not stop within %.0f s; requeued for the next start", job_id,
                             drain + timeout)
         self._stopped.set()
