@@ -31,6 +31,7 @@ class SlowPipe:
 
     def __init__(self, pipe) -> None:
         self.pipe, self.slow = pipe, False
+        self.components = pipe.components
 
     def run(self, request, callback=None, cancel=None):
         def step(context):
@@ -82,10 +83,11 @@ def test_img2img_with_a_mask_keeps_the_unmasked_half(live) -> None:
 
 def test_options_models_samplers_and_png_info(live) -> None:
     api, _ = live
-    assert api.get_options()["sd_model_checkpoint"] == "tiny"
-    assert api.util_get_current_model() == "tiny"
+    title = api.get_sd_models()[0]["title"]
+    assert title.startswith("tiny [") and len(title) == len("tiny [0123456789]")
+    assert api.get_options()["sd_model_checkpoint"] == title  # equal to a title, as clients compare them
+    assert api.util_get_current_model() == title
     assert api.set_options({"sd_model_checkpoint": "tiny", "samples_format": "png"}) == {}
-    assert api.get_sd_models()[0]["title"].startswith("tiny [")
     assert "Euler a" in [sampler["name"] for sampler in api.get_samplers()]
     assert api.get_latent_upscale_modes()[0]["name"] == "Latent"
     image = api.txt2img(prompt="a cat", steps=2, seed=9, width=64, height=64).image
@@ -128,7 +130,17 @@ def test_progress_and_interrupt(live) -> None:
         worker.join(30)
     finally:
         slow.slow = False
-    assert outcome["result"].images == [] and outcome["result"].info["interrupted"] is True
+    result = outcome["result"]
+    assert result.info["interrupted"] is True
+    # A1111 returns what the interrupted run has drawn: one decoded image, with its infotext.
+    assert [image.size for image in result.images] == [(64, 64)]
+    step = result.info["interrupted_at_step"]
+    assert 1 <= step < 20 and result.info["all_seeds"] == [1]
+    assert "Seed: 1," in result.info["infotexts"][0] and f"Interrupted: at step {step} of 20" in \
+        result.info["infotexts"][0]
+    pixels = np.asarray(result.images[0].convert("RGB"), dtype=float)
+    assert pixels.std() > 1  # a decoded picture, not a blank one
+    assert api.png_info(result.images[0]).json["parameters"]["Seed"] == 1
 
 
 def test_translate_names_what_it_ignores() -> None:
@@ -167,3 +179,291 @@ def test_a_txt2img_body_without_a_size_draws_at_the_native_size(live) -> None:
     info = json.loads(answer.json()["info"])
     image = Image.open(io.BytesIO(base64.b64decode(answer.json()["images"][0])))
     assert image.size == (info["width"], info["height"]) == (64, 64)  # the tiny test model's native size
+
+
+def _post(api, route: str, body, **kwargs):
+    import requests
+
+    return requests.post(f"{api.baseurl}/{route}", json=body, timeout=120, **kwargs)
+
+
+def test_every_a1111_schedule_type_with_euler_a_and_dpmpp_2m(live) -> None:
+    """A1111 1.9+ sends sampler_name and scheduler apart, by label or API name; each runs and says so in the
+    infotext, or is refused by name with what that sampler allows."""
+    api, _ = live
+    for sampler, scheduler, expected in (("Euler a", "Karras", "Karras"), ("Euler a", "karras", "Karras"),
+                                         ("DPM++ 2M", "sgm_uniform", "SGM Uniform"), ("Euler", "Beta", "Beta"),
+                                         ("Euler a", "exponential", "Exponential"), ("DDIM", "normal", "Normal"),
+                                         ("PLMS", "simple", "Simple"), ("UniPC", "Automatic", None)):
+        result = api.txt2img(prompt="x", steps=2, seed=2, width=64, height=64, sampler_name=sampler,
+                             scheduler=scheduler)
+        assert len(result.images) == 1, (sampler, scheduler)
+        infotext = result.info["infotexts"][0]
+        assert (f"Schedule type: {expected}," in infotext) if expected else ("Schedule type" not in infotext)
+    answer = _post(api, "txt2img", {"sampler_name": "DDIM", "scheduler": "Karras", "steps": 2, "width": 64,
+                                    "height": 64})
+    assert answer.status_code == 404 and set(answer.json()) == {"error", "detail", "body", "errors"}
+    assert "not available for DDIM" in answer.json()["detail"] and "valid: Automatic, Uniform, SGM Uniform" in \
+        answer.json()["detail"]
+    answer = _post(api, "txt2img", {"sampler_name": "Euler", "scheduler": "Karas", "steps": 2})
+    assert answer.status_code == 404 and "valid schedule types: Automatic, Uniform, Karras" in answer.json()["detail"]
+
+
+def test_a_schedule_type_in_the_sampler_name_wins_and_the_scheduler_field_is_named_as_ignored(live) -> None:
+    api, _ = live
+    result = api.txt2img(prompt="x", steps=2, seed=2, width=64, height=64, sampler_name="DPM++ 2M Karras",
+                         scheduler="Exponential")
+    assert "Schedule type: Karras," in result.info["infotexts"][0]
+    assert any(entry.startswith("scheduler (") for entry in result.info["ignored"])
+
+
+def test_schedulers_list_as_a1111_does(live) -> None:
+    import requests
+
+    listing = requests.get(f"{live[0].baseurl}/schedulers", timeout=10).json()
+    assert all(set(entry) == {"name", "label", "aliases", "default_rho", "need_inner_model"} for entry in listing)
+    assert [entry["name"] for entry in listing] == ["automatic", "uniform", "karras", "exponential", "polyexponential",
+                                                    "sgm_uniform", "simple", "normal", "ddim", "beta"]
+    by_name = {entry["name"]: entry for entry in listing}
+    assert by_name["karras"] == {"name": "karras", "label": "Karras", "aliases": None, "default_rho": 7.0,
+                                 "need_inner_model": False}
+    assert by_name["sgm_uniform"]["aliases"] == ["SGMUniform"] and by_name["sgm_uniform"]["need_inner_model"]
+    assert by_name["polyexponential"]["default_rho"] == 1.0 and by_name["automatic"]["default_rho"] == -1
+
+
+def test_upscalers_start_with_none_as_in_a1111(live) -> None:
+    names = [entry["name"] for entry in live[0].get_upscalers()]
+    assert names == ["None", "Lanczos", "Nearest"]
+
+
+def test_hires_with_the_none_upscaler_resizes_as_a1111_does(live) -> None:
+    api, _ = live
+    result = api.txt2img(prompt="x", steps=2, seed=2, width=64, height=64, enable_hr=True, hr_scale=1.5,
+                         hr_upscaler="None", denoising_strength=0.5)
+    assert result.images[0].size == (96, 96) and "Hires upscaler: Lanczos" in result.info["infotexts"][0]
+
+
+A1111_STANDARD_OPTIONS = {  # what clients (webuiapi, SillyTavern, Open WebUI, Krita's plugin) read, with defaults
+    "sd_vae": "Automatic", "CLIP_stop_at_last_layers": 1, "samples_format": "png", "samples_save": True,
+    "outdir_samples": "", "save_to_dirs": True, "grid_save": True, "jpeg_quality": 80, "eta_ddim": 0.0,
+    "eta_ancestral": 1.0, "s_churn": 0.0, "s_noise": 1.0, "s_tmin": 0.0, "show_progress_every_n_steps": 10,
+    "live_previews_enable": True, "outdir_txt2img_samples": "outputs/txt2img-images", "grid_format": "png",
+    "outdir_img2img_samples": "outputs/img2img-images", "sd_checkpoints_limit": 1, "enable_pnginfo": True,
+    "img2img_color_correction": False, "initial_noise_multiplier": 1.0, "inpainting_mask_weight": 1.0,
+    "live_previews_image_format": "png", "show_progress_type": "Approx NN", "sd_hypernetwork": "None",
+    "sd_lora": "None", "quicksettings_list": ["sd_model_checkpoint"], "face_restoration_model": "CodeFormer",
+    "code_former_weight": 0.5, "save_images_before_highres_fix": False, "export_for_4chan": True,
+    "upscaler_for_img2img": None, "ESRGAN_tile": 192, "sd_unet": "Automatic", "randn_source": "GPU",
+    "eta_noise_seed_delta": 0, "uni_pc_order": 3, "token_merging_ratio": 0.0, "add_model_hash_to_info": True,
+    "add_model_name_to_info": True, "samples_filename_pattern": "", "directories_filename_pattern": "[date]",
+}
+
+
+def test_options_have_a1111s_standard_keys_with_their_defaults_and_are_writable(tmp_path_factory, pipe,
+                                                                                tiny_model_dir) -> None:
+    """On a fresh server (options are per server): every standard key with A1111's default; a client that POSTs
+    the whole dict back with changes reads them back; sd_checkpoint_hash is the checkpoint's sha256."""
+    import requests
+
+    with serve(tmp_path_factory, pipe, tiny_model_dir) as base:
+        options = requests.get(f"{base}/options", timeout=10).json()
+        assert {key: options.get(key, "<missing>") for key in A1111_STANDARD_OPTIONS} == A1111_STANDARD_OPTIONS
+        assert len(options) >= 150
+        models = requests.get(f"{base}/sd-models", timeout=10).json()
+        assert options["sd_model_checkpoint"] == models[0]["title"]
+        assert options["sd_checkpoint_hash"] == models[0]["sha256"] and len(models[0]["sha256"]) == 64
+        changed = {**options, "jpeg_quality": 95, "samples_format": "jpg", "eta_ancestral": 0.5,
+                   "my_extension_setting": {"a": [1, 2, {"b": "c"}]}}
+        assert requests.post(f"{base}/options", json=changed, timeout=10).json() == {}
+        after = requests.get(f"{base}/options", timeout=10).json()
+        assert (after["jpeg_quality"], after["samples_format"], after["eta_ancestral"]) == (95, "jpg", 0.5)
+        assert after["my_extension_setting"] == {"a": [1, 2, {"b": "c"}]}  # unknown keys kept, as A1111 does
+        assert after["sd_model_checkpoint"] == options["sd_model_checkpoint"]
+
+
+def test_hostile_option_values_are_refused_and_later_gets_still_answer(tmp_path_factory, pipe,
+                                                                       tiny_model_dir) -> None:
+    import requests
+
+    with serve(tmp_path_factory, pipe, tiny_model_dir) as base:
+        before = requests.get(f"{base}/options", timeout=10).json()
+        deep: object = "x"
+        for _ in range(500):
+            deep = [deep]
+        nested_dict: object = 1
+        for _ in range(40):  # within the server's JSON depth limit (64), beyond what an option may hold (32)
+            nested_dict = {"k": nested_dict}
+        cases = [
+            ({"deep": deep}, 422, "nest"),  # the server's guard or the options' own bound refuses it
+            ({"deep": nested_dict}, 422, "option 'deep' is nested more than 32 levels deep"),
+            ({"big": "x" * (10 * 1024 * 1024)}, 413, "allowed: at most 65536 bytes"),
+            ({"jpeg_quality": "high"}, 422, "must be a number"),
+            ({"samples_save": 1}, 422, "must be a boolean"),
+            ({"k" * 300: 1}, 422, "option names must be 1..200 characters"),
+            ({"sd_model_checkpoint": "nope.safetensors"}, 404, "unknown checkpoint"),
+            ({"fine": 1, "bad": nested_dict}, 422, "nested"),  # nothing of a refused body is kept
+        ]
+        for body, status, words in cases:
+            answer = requests.post(f"{base}/options", json=body, timeout=60)
+            assert answer.status_code == status, (status, answer.text[:200])
+            assert words in answer.json()["detail"] and set(answer.json()) == {"error", "detail", "body", "errors"}
+        # a lone surrogate cannot be sent through requests' json=; send the raw JSON escape
+        answer = requests.post(f"{base}/options", data=b'{"name": "\\ud800"}', timeout=10,
+                               headers={"content-type": "application/json"})
+        assert answer.status_code == 422 and "valid Unicode" in answer.json()["detail"]  # the guard's or ours
+        for _ in range(3):
+            too_many = {f"key{index}-{_}": "v" * 1000 for index in range(700)}
+            requests.post(f"{base}/options", json=too_many, timeout=10)
+        answer = requests.get(f"{base}/options", timeout=10)
+        assert answer.status_code == 200
+        kept = answer.json()
+        assert len(json.dumps(kept)) <= 1024 * 1024 + 1000  # bounded in all
+        assert "fine" not in kept and "deep" not in kept and "big" not in kept and "name" not in kept
+        assert {key: kept[key] for key in before} == before
+
+
+def test_the_checkpoint_is_set_by_title_or_by_bare_name(live) -> None:
+    import requests
+
+    api, _ = live
+    title = api.get_sd_models()[0]["title"]
+    for value in (title, "tiny", " tiny "):
+        answer = requests.post(f"{api.baseurl}/options", json={"sd_model_checkpoint": value}, timeout=10)
+        assert answer.status_code == 200 and api.get_options()["sd_model_checkpoint"] == title
+    answer = requests.post(f"{api.baseurl}/options", json={"sd_model_checkpoint": "tiny [0000000000]"}, timeout=10)
+    assert answer.status_code == 200  # A1111 matches the name when the hash is stale
+    answer = _post(api, "txt2img", {"prompt": "x", "steps": 2, "width": 64, "height": 64,
+                                    "override_settings": {"sd_model_checkpoint": title}})
+    assert answer.status_code == 200 and json.loads(answer.json()["info"])["sd_model_name"] == "tiny"
+
+
+@pytest.mark.parametrize(("route", "body", "field"), [
+    ("txt2img", {"width": "abc"}, "width"),
+    ("txt2img", {"steps": [3]}, "steps"),
+    ("txt2img", {"prompt": {"a": 1}}, "prompt"),
+    ("txt2img", {"cfg_scale": "lots"}, "cfg_scale"),
+    ("txt2img", {"enable_hr": "maybe"}, "enable_hr"),
+    ("txt2img", {"override_settings": [1]}, "override_settings"),
+    ("img2img", {"init_images": "abc"}, "init_images"),
+    ("img2img", {"denoising_strength": "strong", "init_images": ["x"]}, "denoising_strength"),
+    ("img2img", {"mask_blur": [4], "init_images": ["x"]}, "mask_blur"),
+    ("png-info", {"image": 5}, "image"),
+])
+def test_wrong_types_are_a_422_naming_the_field(live, route, body, field) -> None:
+    answer = _post(live[0], route, body)
+    assert answer.status_code == 422, answer.text
+    detail = answer.json()["detail"]
+    assert set(answer.json()) == {"error", "detail", "body", "errors"} and detail.startswith(f"{field}: ")
+    assert "(got " in detail
+
+
+@pytest.mark.parametrize("route", ["txt2img", "img2img", "png-info", "options"])
+def test_bodies_that_are_not_objects_or_not_json_or_nested_without_end_are_422(live, route) -> None:
+    import requests
+
+    base = live[0].baseurl
+    for data in (b"[1, 2]", b"{not json", b"[" * 100_000 + b"]" * 100_000, b'{"a": ' + b"[" * 600 + b"]" * 600 + b"}"):
+        answer = requests.post(f"{base}/{route}", data=data, headers={"content-type": "application/json"},
+                               timeout=30)
+        assert answer.status_code == 422, (route, data[:20], answer.status_code, answer.text[:200])
+    assert requests.get(f"{base}/options", timeout=10).status_code == 200
+
+
+def test_the_openapi_documents_the_a1111_bodies(live) -> None:
+    import requests
+
+    schema = requests.get(live[0].baseurl.replace("/sdapi/v1", "") + "/openapi.json", timeout=10).json()
+    components = schema["components"]["schemas"]
+
+    def body_schema(path: str) -> dict:
+        reference = schema["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        return components[reference["$ref"].rsplit("/", 1)[1]] if "$ref" in reference else reference
+
+    txt2img = body_schema("/sdapi/v1/txt2img")
+    assert {"prompt", "sampler_name", "scheduler", "steps", "width", "enable_hr", "alwayson_scripts"} <= \
+        set(txt2img["properties"])
+    assert txt2img["properties"]["steps"]["default"] == 50 and txt2img.get("additionalProperties", True) is True
+    assert {"integer", "null"} == {entry["type"] for entry in txt2img["properties"]["width"]["anyOf"]}
+    img2img = body_schema("/sdapi/v1/img2img")
+    assert {"init_images", "mask", "inpainting_fill", "denoising_strength"} <= set(img2img["properties"])
+    assert "image" in body_schema("/sdapi/v1/png-info")["properties"]
+    assert body_schema("/sdapi/v1/options")["type"] == "object"
+    assert "422" in schema["paths"]["/sdapi/v1/txt2img"]["post"]["responses"]
+
+
+def test_preflight_refuses_a_step_count_the_sampler_cannot_take_on_the_models_schedule(live) -> None:
+    """On a zero-terminal-SNR schedule, DPM2 a with Normal spacing cannot take 2 steps: a 422 before queueing."""
+    import copy
+    from pathlib import Path
+
+    import dapple
+
+    api, slow = live
+    config = Path(dapple.__file__).parent / "models" / "assets" / "builtin" / "scheduler" / "scheduler_config.json"
+    saved = copy.deepcopy(slow.components.scheduler_config)
+    slow.components.scheduler_config = json.loads(config.read_text())
+    try:
+        jobs_before = len(live_service(api))
+        answer = _post(api, "txt2img", {"sampler_name": "DPM2 a", "scheduler": "normal", "steps": 2, "width": 64,
+                                        "height": 64})
+        assert answer.status_code == 422 and "steps=2 is not possible" in answer.json()["detail"]
+        assert len(live_service(api)) == jobs_before  # nothing was queued
+        result = api.txt2img(prompt="x", steps=2, sampler_name="PLMS", width=64, height=64, seed=1)
+        assert len(result.images) == 1  # PLMS below 4 steps on this schedule: an image, not a 500
+    finally:
+        slow.components.scheduler_config = saved
+
+
+def live_service(api) -> list:
+    import requests
+
+    return requests.get(api.baseurl.replace("/sdapi/v1", "") + "/api/v1/jobs?limit=1000", timeout=10).json()
+
+
+class serve:
+    """A fresh live server (its own options and data folder) for tests that change server-wide state."""
+
+    def __init__(self, tmp_path_factory, pipe, tiny_model_dir) -> None:
+        self.service = JobService(tmp_path_factory.mktemp("data"), lambda: pipe)
+        self.app = create_app(self.service, model_name="tiny", model_path=tiny_model_dir)
+
+    def __enter__(self) -> str:
+        self.service.start()
+        port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.05)
+        return f"http://127.0.0.1:{port}/sdapi/v1"
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.service.stop()
+
+
+def test_check_json_bounds_depth_and_refuses_lone_surrogates_at_any_depth() -> None:
+    """The bound every /sdapi body and option value passes, whatever the server's own guard lets through."""
+    from dapple.interfaces.a1111 import check_json
+
+    check_json({"a": [[[{"b": "fine"}]]]})
+    deep: object = 0
+    for _ in range(10_000):  # iterative: no recursion limit to hit
+        deep = {"k": deep}
+    with pytest.raises(ValueError, match="body is nested more than 32 levels deep"):
+        check_json(deep)
+    with pytest.raises(ValueError, match=r"body.a\[0\].b is not valid Unicode text \(a lone surrogate"):
+        check_json({"a": [{"b": "ok\ud800"}]})
+    with pytest.raises(ValueError, match="a key in body.a is not valid Unicode"):
+        check_json({"a": {"\udfff": 1}})
+    check_json({"a": "x" * 33}, max_depth=1)
+    with pytest.raises(ValueError, match="nested more than 1 levels"):
+        check_json({"a": []}, max_depth=1)
+
+
+def test_a_mask_blur_left_out_is_a1111s_mask_blur_x() -> None:
+    body = {"init_images": ["x"], "mask": "m"}
+    assert translate(body, "img2img")[0]["mask_blur"] == 4
+    assert translate({**body, "mask_blur_x": 6}, "img2img")[0]["mask_blur"] == 6
+    assert translate({**body, "mask_blur": 0, "mask_blur_x": 6}, "img2img")[0]["mask_blur"] == 0
