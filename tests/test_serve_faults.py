@@ -51,15 +51,20 @@ def free_port() -> int:
 
 
 def launch(model: Path, data: Path, port: int) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", LAUNCHER, "--model", str(model), "--data-dir", str(data),
-                             "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    """Start the server; its stderr goes to a file beside the data folder (a pipe nobody reads could fill)."""
+    data.parent.mkdir(parents=True, exist_ok=True)
+    with open(data.parent / "server.log", "ab") as log:
+        process = subprocess.Popen([sys.executable, "-c", LAUNCHER, "--model", str(model), "--data-dir", str(data),
+                                    "--port", str(port)], stdout=subprocess.DEVNULL, stderr=log,
+                                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    process.log = data.parent / "server.log"
+    return process
 
 
 def wait_until_up(process: subprocess.Popen, port: int) -> None:
     for _ in range(900):
         if process.poll() is not None:
-            raise AssertionError(f"server exited ({process.returncode}): {process.stderr.read().decode()[-2000:]}")
+            raise AssertionError(f"server exited ({process.returncode}): {process.log.read_text()[-2000:]}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/api/v1/health", timeout=1).status_code == 200:
                 return
