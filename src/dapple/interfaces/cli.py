@@ -171,6 +171,11 @@ def check_device(device: Optional[str]) -> None:
         fail(f"--device {device!r} is not supported; allowed: cpu, cuda, cuda:N, mps")
 
 
+def check_image_file(path: Path, label: str) -> None:
+    if path.is_dir():
+        fail(f"{label} {path} is a folder; give an image file (PNG, JPEG, WebP ...)")
+
+
 def check_dtype(dtype: Optional[str]) -> None:
     if dtype is not None:
         import torch
@@ -331,6 +336,7 @@ def _run_and_save(fields: dict, *, model: Optional[Path], out: Path, device: Opt
         check_dtype(settings.dtype)
         for field in ("init_image", "mask", "depth_map"):  # their headers, before the model loads
             if isinstance(fields.get(field), Path):
+                check_image_file(fields[field], FIELD_FLAGS[field])
                 open_image(fields[field], what=field).close()
         check_output_folder(settings.output_dir)
         _quiet_libraries()
@@ -462,6 +468,16 @@ def _loading_message(model: Optional[Path]) -> Iterator[None]:
     say(f"loaded {name} in {time.perf_counter() - start:.1f}s", err=True)
 
 
+def _model_folders(models_dir: Path):
+    """The A1111 / ComfyUI folders under --models-dir, or an error that names the flag."""
+    from dapple.models.library import ModelFolders
+
+    try:
+        return ModelFolders.from_root(models_dir)
+    except DappleError as error:
+        raise type(error)(f"--models-dir: {error}") from None
+
+
 def _resolve_names(model: Optional[Path], vae: Optional[Path], models_dir: Optional[Path]
                    ) -> tuple[Optional[Path], Optional[Path], list[Path], list[Path]]:
     """With a models folder, --model and --vae may be names from it (a path that exists still wins), its LoRA
@@ -470,7 +486,7 @@ def _resolve_names(model: Optional[Path], vae: Optional[Path], models_dir: Optio
         return model, vae, [], []
     from dapple.models.library import ModelFolders
 
-    folders = ModelFolders.from_root(models_dir)
+    folders = _model_folders(models_dir)
 
     def find(kind: str, name: str) -> Path:
         try:
@@ -754,7 +770,7 @@ def serve(
 
         with _loading_message(model):
             pipe = load(model)  # fail now, not on the first job
-        folders = ModelFolders.from_root(models_dir) if models_dir is not None else None
+        folders = _model_folders(models_dir) if models_dir is not None else None
         pool = ModelPool(lambda: pipe, pipe.components.name, folders, load)
         service = JobService(data_dir, lambda: pipe, queue_size=queue_size, models=pool)
     service.start()
@@ -838,7 +854,7 @@ def models(
             typer.echo("no --models-dir (or DAPPLE_MODELS_DIR): the built-in model only; give an A1111 or ComfyUI "
                        "folder to list its models", err=True)
         else:
-            folders = ModelFolders.from_root(models_dir)
+            folders = _model_folders(models_dir)
             for each in [kind] if kind else KINDS:
                 for entry in folders.entries(each):
                     rows.append({"kind": each, "name": entry.name, "hash": short_hash(entry.path) if hashes and (
@@ -872,6 +888,7 @@ def info(
     from dapple.service.outputs import read_infotext
 
     with user_errors():
+        check_image_file(image, "IMAGE")
         text = read_infotext(image)
         if text is None:
             raise DappleError(f"{image} carries no generation parameters (no 'parameters' PNG text chunk)")
@@ -992,7 +1009,8 @@ def inspect_schedule(
 def _open_picture(path: Path):
     from dapple.engine.images import open_image
 
-    return open_image(path, what="image").convert("RGB")
+    check_image_file(path, "IMAGE")
+    return open_image(path, what="IMAGE").convert("RGB")
 
 
 @inspect_app.command("vae")
