@@ -194,7 +194,8 @@ def test_every_a1111_schedule_type_with_euler_a_and_dpmpp_2m(live) -> None:
     for sampler, scheduler, expected in (("Euler a", "Karras", "Karras"), ("Euler a", "karras", "Karras"),
                                          ("DPM++ 2M", "sgm_uniform", "SGM Uniform"), ("Euler", "Beta", "Beta"),
                                          ("Euler a", "exponential", "Exponential"), ("DDIM", "normal", "Normal"),
-                                         ("PLMS", "simple", "Simple"), ("UniPC", "Automatic", None)):
+                                         ("PLMS", "simple", "Simple"), ("UniPC", "Automatic", None),
+                                         ("DPM++ 2M", "KL Optimal", "KL Optimal")):
         result = api.txt2img(prompt="x", steps=2, seed=2, width=64, height=64, sampler_name=sampler,
                              scheduler=scheduler)
         assert len(result.images) == 1, (sampler, scheduler)
@@ -223,7 +224,7 @@ def test_schedulers_list_as_a1111_does(live) -> None:
     listing = requests.get(f"{live[0].baseurl}/schedulers", timeout=10).json()
     assert all(set(entry) == {"name", "label", "aliases", "default_rho", "need_inner_model"} for entry in listing)
     assert [entry["name"] for entry in listing] == ["automatic", "uniform", "karras", "exponential", "polyexponential",
-                                                    "sgm_uniform", "simple", "normal", "ddim", "beta"]
+                                                    "sgm_uniform", "kl_optimal", "simple", "normal", "ddim", "beta"]
     by_name = {entry["name"]: entry for entry in listing}
     assert by_name["karras"] == {"name": "karras", "label": "Karras", "aliases": None, "default_rho": 7.0,
                                  "need_inner_model": False}
@@ -467,3 +468,13 @@ def test_a_mask_blur_left_out_is_a1111s_mask_blur_x() -> None:
     assert translate(body, "img2img")[0]["mask_blur"] == 4
     assert translate({**body, "mask_blur_x": 6}, "img2img")[0]["mask_blur"] == 6
     assert translate({**body, "mask_blur": 0, "mask_blur_x": 6}, "img2img")[0]["mask_blur"] == 0
+
+
+@pytest.mark.parametrize("body", [{"batch_size": 10**12}, {"batch_size": -3}, {"n_iter": 10**10, "batch_size": 10**10},
+                                  {"steps": -1}, {"width": -64}, {"hr_scale": -1, "enable_hr": True},
+                                  {"enable_hr": True, "hr_resize_x": 10**9}, {"seed": 2**70}, {"cfg_scale": 1e308},
+                                  {"sampler_name": ""}, {"scheduler": ""}, {"resize_mode": 99}])
+def test_out_of_range_values_are_4xx_not_500(live, body) -> None:
+    answer = _post(live[0], "txt2img", {"steps": 2, "width": 64, "height": 64, **body})
+    assert answer.status_code != 500 and (answer.status_code < 300 or 400 <= answer.status_code < 500), answer.text
+    assert answer.status_code < 300 or set(answer.json()) == {"error", "detail", "body", "errors"}

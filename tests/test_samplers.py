@@ -45,9 +45,9 @@ def test_schedule_type_the_class_lacks_is_an_error() -> None:
     with pytest.raises(UnknownSamplerError, match=r"not available for DDIM \(DDIMScheduler steps by timesteps, "
                        r"not by a sigma schedule\); valid: Automatic, Uniform, SGM Uniform, Simple, Normal, DDIM$"):
         resolve_sampler("DDIM Karras")
-    with pytest.raises(UnknownSamplerError, match="not available for Euler .*no KL Optimal spacing.*valid: "
+    with pytest.raises(UnknownSamplerError, match="not available for Euler .*no Align Your Steps spacing.*valid: "
                        "Automatic, Uniform, Karras"):
-        resolve_sampler("Euler", "KL Optimal")
+        resolve_sampler("Euler", "Align Your Steps")
     with pytest.raises(UnknownSamplerError, match="unknown schedule type 'Karas'; valid schedule types: Automatic, "
                        "Uniform, Karras, Exponential, Polyexponential, SGM Uniform, KL Optimal"):
         resolve_sampler("Euler", "Karas")
@@ -122,7 +122,7 @@ A1111_SCHEDULE_TYPES = [
     ("Automatic", "automatic", {}), ("Uniform", "uniform", {"timestep_spacing": "linspace"}),
     ("Karras", "karras", {"use_karras_sigmas": True}), ("Exponential", "exponential", {"use_exponential_sigmas": True}),
     ("Polyexponential", "polyexponential", {"use_exponential_sigmas": True}),
-    ("SGM Uniform", "sgm_uniform", {"timestep_spacing": "trailing"}), ("KL Optimal", "kl_optimal", None),
+    ("SGM Uniform", "sgm_uniform", {"timestep_spacing": "trailing"}), ("KL Optimal", "kl_optimal", {"use_karras_sigmas": True}),
     ("Align Your Steps", "align_your_steps", None), ("Simple", "simple", {"timestep_spacing": "trailing"}),
     ("Normal", "normal", {"timestep_spacing": "linspace"}), ("DDIM", "ddim", {"timestep_spacing": "leading"}),
     ("Beta", "beta", {"use_beta_sigmas": True}),
@@ -134,7 +134,7 @@ TIMESTEP_SAMPLERS = ("DDIM", "PNDM", "DDPM", "LCM")  # alpha-bar steppers: no si
 def test_every_sampler_takes_every_a1111_schedule_type_or_refuses_it_by_name(label, api_name, config) -> None:
     """By its label, its API name or its combined form, each schedule type gives the diffusers setting it means,
     for every sampler; a combination diffusers cannot honour is refused naming what that sampler allows."""
-    sigma_based = label in ("Karras", "Exponential", "Polyexponential", "Beta")
+    sigma_based = label in ("Karras", "Exponential", "Polyexponential", "Beta", "KL Optimal")
     for spec in SAMPLERS:
         honoured = config is not None and not (sigma_based and spec.name in TIMESTEP_SAMPLERS)
         for asked in ((spec.name, label), (spec.name, api_name), (f"{spec.name} {label}", None),
@@ -149,7 +149,8 @@ def test_every_sampler_takes_every_a1111_schedule_type_or_refuses_it_by_name(lab
             scheduler = create_scheduler(choice, SD15_SCHEDULER_CONFIG)
             for key, value in config.items():
                 if spec.name == "Euler a" and key.startswith("use_"):  # diffusers' Euler a has no such switch
-                    assert type(scheduler).spacing == key.removeprefix("use_").removesuffix("_sigmas")
+                    assert type(scheduler).spacing == ("kl_optimal" if label == "KL Optimal" else
+                                                       key.removeprefix("use_").removesuffix("_sigmas"))
                 else:
                     assert scheduler.config[key] == value
             # one spacing at a time: the other sigma switches are off
@@ -199,3 +200,25 @@ def test_pndm_skips_the_runge_kutta_warm_up_unless_the_model_config_asks_for_it(
     assert len(prk.prk_timesteps) > 0
     with pytest.raises(InvalidRequestError, match="steps=3 is not possible with sampler 'PNDM'.*at least 4 steps"):
         set_timesteps(prk, resolve_sampler("PLMS"), 3)
+
+
+@pytest.mark.parametrize("name", ["Euler", "Euler a", "DPM++ 2M", "LMS", "UniPC"])
+def test_kl_optimal_sigmas_are_a1111s(name) -> None:
+    """A1111's kl_optimal: sigma_i = tan(i/n atan(sigma_min) + (1 - i/n) atan(sigma_max)), i = 0..n-1, between the
+    ends diffusers' Karras switch uses for that class, then 0; the timesteps are the ones those sigmas belong to."""
+    import numpy as np
+    import torch
+
+    steps = 6
+    karras = create_scheduler(resolve_sampler(name, "Karras"), SD15_SCHEDULER_CONFIG)
+    karras.set_timesteps(steps)
+    sigma_max, sigma_min = float(karras.sigmas[0]), float(karras.sigmas[-2])  # Karras's ends are the class's ends
+    scheduler = create_scheduler(resolve_sampler(name, "kl_optimal"), SD15_SCHEDULER_CONFIG)
+    scheduler.set_timesteps(steps)
+    i = np.arange(steps) / steps
+    expected = np.tan(i * np.arctan(sigma_min) + (1 - i) * np.arctan(sigma_max))
+    assert np.allclose(scheduler.sigmas[:-1].numpy(), expected, rtol=1e-5)
+    assert float(scheduler.sigmas[-1]) == 0.0
+    assert not torch.allclose(scheduler.sigmas, karras.sigmas)
+    assert (np.diff(scheduler.timesteps.numpy().astype(float)) < 0).all()
+    assert isinstance(scheduler, type(create_scheduler(name, SD15_SCHEDULER_CONFIG)))

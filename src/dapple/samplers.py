@@ -55,8 +55,9 @@ SCHEDULE_TYPE_LIST: tuple[ScheduleType, ...] = (
                  sigmas=True, description="polyexponential at rho 1 (A1111's default), which is the exponential one"),
     ScheduleType("sgm_uniform", "SGM Uniform", {"timestep_spacing": "trailing"}, aliases=("SGMUniform",),
                  need_inner_model=True, description="timesteps evenly from the first, the last left out (trailing)"),
-    ScheduleType("kl_optimal", "KL Optimal", {}, sigmas=True,
-                 description="sigmas spaced evenly in arctan(sigma); diffusers has no such schedule"),
+    # diffusers has no KL Optimal switch: its Karras switch with the spacing function swapped (kl_optimal_sigmas).
+    ScheduleType("kl_optimal", "KL Optimal", {"use_karras_sigmas": True}, sigmas=True,
+                 description="sigmas evenly spaced in arctan(sigma) (A1111's kl_optimal)"),
     ScheduleType("align_your_steps", "Align Your Steps", {}, sigmas=True,
                  description="Sabour et al. 2024's tabulated schedules; diffusers has no such schedule switch"),
     ScheduleType("simple", "Simple", {"timestep_spacing": "trailing"}, need_inner_model=True,
@@ -69,7 +70,8 @@ SCHEDULE_TYPE_LIST: tuple[ScheduleType, ...] = (
                  description="Lee et al. 2024, beta(0.6, 0.6) spacing of timesteps"),
 )
 # Schedule types diffusers offers no switch for: refused (never run on another spacing) with what is allowed.
-UNSUPPORTED_SCHEDULE_TYPES = ("KL Optimal", "Align Your Steps")
+# Align Your Steps is a table of sigmas per model family (SD 1.5, SDXL), which a scheduler config does not name.
+UNSUPPORTED_SCHEDULE_TYPES = ("Align Your Steps",)
 
 # Label -> the scheduler init arguments that switch it on ("Automatic" keeps the model's own spacing).
 SCHEDULE_TYPES: dict[str, dict[str, Any]] = {kind.label: dict(kind.config) for kind in SCHEDULE_TYPE_LIST}
@@ -200,10 +202,20 @@ def _split_combined(name: str) -> tuple[SamplerSpec, ScheduleType] | None:
 
 def _why_not(spec: SamplerSpec, kind: ScheduleType) -> str:
     if kind.label in UNSUPPORTED_SCHEDULE_TYPES:
-        return f"diffusers' schedulers have no {kind.label} spacing"
+        return (f"diffusers' schedulers have no {kind.label} spacing, and its tabulated sigmas depend on the model "
+                "family")
     if kind.label == "Beta" and not _beta_available():
         return "diffusers' beta sigmas need scipy (pip install scipy)"
     return f"{spec.class_name} steps by timesteps, not by a sigma schedule"
+
+
+def did_you_mean(name: str, choices: Sequence[str]) -> str:
+    """"; did you mean 'Euler a'?" for the choice nearest to a misspelt name (difflib, ignoring case), else ""."""
+    import difflib
+
+    by_fold = {choice.casefold(): choice for choice in choices}
+    close = difflib.get_close_matches(str(name).strip().casefold(), list(by_fold), n=1, cutoff=0.6)
+    return f"; did you mean {by_fold[close[0]]!r}?" if close else ""
 
 
 def resolve_sampler(name: str, schedule_type: str | None = None) -> SamplerChoice:
@@ -220,10 +232,13 @@ def resolve_sampler(name: str, schedule_type: str | None = None) -> SamplerChoic
                                           f"schedule type {schedule_type!r} was asked for; give one of them")
             spec, schedule_type = combined[0], combined[1].label
     if spec is None:
-        raise UnknownSamplerError(f"unknown sampler {name!r}; valid samplers: {', '.join(sampler_names())}")
+        raise UnknownSamplerError(f"unknown sampler {name!r}{did_you_mean(name, sampler_names())}; valid samplers: "
+                                  f"{', '.join(sampler_names())}")
     kind = find_schedule_type("Automatic" if schedule_type is None else schedule_type)
     if kind is None:
-        raise UnknownSamplerError(f"unknown schedule type {schedule_type!r}; valid schedule types: "
+        raise UnknownSamplerError(f"unknown schedule type {schedule_type!r}"
+                                  f"{did_you_mean(schedule_type, [k.label for k in SCHEDULE_TYPE_LIST])}; "
+                                  "valid schedule types: "
                                   f"{', '.join(kind.label for kind in SCHEDULE_TYPE_LIST)}")
     if kind.label not in spec.schedule_types:
         raise UnknownSamplerError(
@@ -233,8 +248,35 @@ def resolve_sampler(name: str, schedule_type: str | None = None) -> SamplerChoic
     return SamplerChoice(spec, kind.label)
 
 
+def kl_optimal_sigmas(self: SchedulerMixin, in_sigmas: Any, num_inference_steps: int | None = None) -> Any:
+    """A1111's KL Optimal schedule, in the place of a diffusers class's _convert_to_karras (same arguments, same
+    sigma_min/sigma_max: the config's, else the ends of in_sigmas): sigma_i = tan(i/n * atan(sigma_min) +
+    (1 - i/n) * atan(sigma_max)) for i = 0..n-1, the first n of A1111's n + 1 (whose last, sigma_min, is the 0
+    that every diffusers schedule ends on here)."""
+    import numpy as np
+
+    steps = num_inference_steps or self.num_inference_steps
+    sigma_min = getattr(self.config, "sigma_min", None)
+    sigma_max = getattr(self.config, "sigma_max", None)
+    sigma_min = float(sigma_min if sigma_min is not None else in_sigmas[-1])
+    sigma_max = float(sigma_max if sigma_max is not None else in_sigmas[0])
+    fraction = np.arange(steps) / steps
+    return np.tan(fraction * np.arctan(sigma_min) + (1 - fraction) * np.arctan(sigma_max))
+
+
+_KL_OPTIMAL_CLASSES: dict[type, type] = {}
+
+
+def _kl_optimal_class(base: type[SchedulerMixin]) -> type[SchedulerMixin]:
+    """`base` with KL Optimal sigmas where its Karras switch would put Karras sigmas (one subclass per class)."""
+    if base not in _KL_OPTIMAL_CLASSES:
+        _KL_OPTIMAL_CLASSES[base] = type(f"{base.__name__.removesuffix('Scheduler')}KLOptimalScheduler", (base,),
+                                         {"_convert_to_karras": kl_optimal_sigmas, "__module__": __name__})
+    return _KL_OPTIMAL_CLASSES[base]
+
+
 class _SigmaSpacedEulerAncestral(diffusers.EulerAncestralDiscreteScheduler):
-    """Euler a on a Karras, exponential or beta spacing of sigmas, which diffusers' Euler a has no switch for.
+    """Euler a on a Karras, exponential, beta or KL Optimal spacing of sigmas (diffusers' Euler a has no switch).
 
     The sigmas are diffusers' Euler's for the same switch (its _convert_to_* on the spaced sigmas) and the
     timesteps the UNet sees are the ones those sigmas belong to (its _sigma_to_t), as EulerDiscreteScheduler
@@ -249,7 +291,7 @@ class _SigmaSpacedEulerAncestral(diffusers.EulerAncestralDiscreteScheduler):
         super().set_timesteps(num_inference_steps, device=device)
         euler = diffusers.EulerDiscreteScheduler
         convert = {"karras": euler._convert_to_karras, "exponential": euler._convert_to_exponential,
-                   "beta": euler._convert_to_beta}[self.spacing]
+                   "beta": euler._convert_to_beta, "kl_optimal": kl_optimal_sigmas}[self.spacing]
         log_sigmas = np.log(np.array(((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5))
         sigmas = np.asarray(convert(self, in_sigmas=self.sigmas[:-1].numpy(),
                                     num_inference_steps=num_inference_steps), dtype=np.float64)
@@ -260,11 +302,12 @@ class _SigmaSpacedEulerAncestral(diffusers.EulerAncestralDiscreteScheduler):
         self._begin_index = None
 
 
-# Samplers whose diffusers class lacks the sigma switches, and the subclass per switch that gives them.
+# Samplers whose diffusers class lacks the sigma switches, and the subclass per spacing that gives them.
 SIGMA_SPACED: dict[str, dict[str, type[SchedulerMixin]]] = {
     "Euler a": {
-        flag: type(f"EulerAncestral{spacing.title()}Scheduler", (_SigmaSpacedEulerAncestral,), {"spacing": spacing})
-        for flag, spacing in zip(SIGMA_FLAGS, ("karras", "exponential", "beta"))
+        spacing: type(f"EulerAncestral{spacing.title().replace('_', '')}Scheduler", (_SigmaSpacedEulerAncestral,),
+                      {"spacing": spacing, "__module__": __name__})
+        for spacing in ("karras", "exponential", "beta", "kl_optimal")
     },
 }
 
@@ -290,8 +333,11 @@ def create_scheduler(
         kind_config = {**{flag: False for flag in SIGMA_FLAGS if flag in params}, **kind_config}
     flag = next((key for key in kind_config if key in SIGMA_FLAGS and key not in params), None)
     if flag is not None:  # e.g. Euler a Karras: diffusers' class has no switch; Dapple's subclass spaces it
-        scheduler_class = SIGMA_SPACED[spec.name][flag]
+        spacing = "kl_optimal" if choice.schedule_type == "KL Optimal" else flag[4:].removesuffix("_sigmas")
+        scheduler_class = SIGMA_SPACED[spec.name][spacing]
         kind_config.pop(flag)
+    elif choice.schedule_type == "KL Optimal":  # the class's Karras switch, with KL Optimal's spacing function
+        scheduler_class = _kl_optimal_class(scheduler_class)
     overrides: dict[str, Any] = {**spec.config, **kind_config}
     if seeds is not None and "noise_sampler_seed" in params:
         overrides["noise_sampler_seed"] = list(seeds)

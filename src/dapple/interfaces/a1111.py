@@ -532,7 +532,7 @@ def create_router(service: JobService, model_name: str, model_path: Path | None)
         fields["model"] = None if chosen == service.models.default_name else chosen
         if fields["seed"] == -1:  # A1111 draws the seed before the run, so that even a partial image has it
             import random
-            fields["seed"] = random.randrange(0, MAX_SEED - fields["batch_size"] + 2)
+            fields["seed"] = random.randrange(0, MAX_SEED - min(max(fields["batch_size"], 1), MAX_SEED) + 2)
         for name in ("init_image", "mask"):
             if fields.get(name) is not None:
                 try:
