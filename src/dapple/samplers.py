@@ -210,7 +210,8 @@ def _why_not(spec: SamplerSpec, kind: ScheduleType) -> str:
 
 
 def did_you_mean(name: str, choices: Sequence[str]) -> str:
-    """"; did you mean 'Euler a'?" for the choice nearest to a misspelt name (difflib, ignoring case), else ""."""
+    """"; did you mean 'Euler a'?" (to end a message) for the choice nearest to a misspelt name (difflib, ignoring
+    case), else ""."""
     import difflib
 
     by_fold = {choice.casefold(): choice for choice in choices}
@@ -232,14 +233,13 @@ def resolve_sampler(name: str, schedule_type: str | None = None) -> SamplerChoic
                                           f"schedule type {schedule_type!r} was asked for; give one of them")
             spec, schedule_type = combined[0], combined[1].label
     if spec is None:
-        raise UnknownSamplerError(f"unknown sampler {name!r}{did_you_mean(name, sampler_names())}; valid samplers: "
-                                  f"{', '.join(sampler_names())}")
+        raise UnknownSamplerError(f"unknown sampler {name!r}; valid samplers: {', '.join(sampler_names())}"
+                                  f"{did_you_mean(name, sampler_names())}")
     kind = find_schedule_type("Automatic" if schedule_type is None else schedule_type)
     if kind is None:
-        raise UnknownSamplerError(f"unknown schedule type {schedule_type!r}"
-                                  f"{did_you_mean(schedule_type, [k.label for k in SCHEDULE_TYPE_LIST])}; "
-                                  "valid schedule types: "
-                                  f"{', '.join(kind.label for kind in SCHEDULE_TYPE_LIST)}")
+        labels = [kind.label for kind in SCHEDULE_TYPE_LIST]
+        raise UnknownSamplerError(f"unknown schedule type {schedule_type!r}; valid schedule types: "
+                                  f"{', '.join(labels)}{did_you_mean(schedule_type, labels)}")
     if kind.label not in spec.schedule_types:
         raise UnknownSamplerError(
             f"schedule type {schedule_type!r} is not available for {spec.name} ({_why_not(spec, kind)}); "
