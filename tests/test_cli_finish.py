@@ -227,3 +227,26 @@ def test_img2img_without_a_size_rounds_the_images_size_down_to_multiples_of_8(si
                                  "1", "--out", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
     assert Image.open(result.stdout.strip()).size == expected
+
+
+@pytest.mark.parametrize(("name", "schedule_type", "suggestion"), [
+    ("Eular a", None, "Euler a"), ("dpm++ 2m karas", None, "DPM++ 2M Karras"), ("Euler", "Karas", "Karras"),
+    ("zzz", None, None),
+])
+def test_a_misspelt_sampler_or_schedule_type_gets_a_suggestion(name, schedule_type, suggestion) -> None:
+    from dapple.errors import UnknownSamplerError
+    from dapple.samplers import resolve_sampler
+
+    with pytest.raises(UnknownSamplerError) as raised:
+        resolve_sampler(name, schedule_type)
+    message = str(raised.value)
+    assert message.startswith("unknown ") and "valid " in message  # the list of what is allowed stays
+    if suggestion is None:
+        assert "did you mean" not in message
+    else:
+        assert message.endswith(f"; did you mean {suggestion!r}?")
+
+
+def test_the_cli_passes_the_sampler_suggestion_on(tmp_path) -> None:
+    result = runner.invoke(app, ["generate", "x", "--sampler", "Eular a", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and result.stderr.strip().endswith("did you mean 'Euler a'?")
