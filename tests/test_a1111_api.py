@@ -135,7 +135,8 @@ def test_progress_and_interrupt(live) -> None:
     # A1111 returns what the interrupted run has drawn: one decoded image, with its infotext.
     assert [image.size for image in result.images] == [(64, 64)]
     step = result.info["interrupted_at_step"]
-    assert 1 <= step < 20 and result.info["all_seeds"] == [1]
+    assert 1 <= step < 20 and result.info["all_seeds"] == [1] and result.info["all_prompts"] == ["x"]
+    assert (result.info["width"], result.info["height"], result.info["sd_model_name"]) == (64, 64, "tiny")
     assert "Seed: 1," in result.info["infotexts"][0] and f"Interrupted: at step {step} of 20" in \
         result.info["infotexts"][0]
     pixels = np.asarray(result.images[0].convert("RGB"), dtype=float)
@@ -478,3 +479,28 @@ def test_out_of_range_values_are_4xx_not_500(live, body) -> None:
     answer = _post(live[0], "txt2img", {"steps": 2, "width": 64, "height": 64, **body})
     assert answer.status_code != 500 and (answer.status_code < 300 or 400 <= answer.status_code < 500), answer.text
     assert answer.status_code < 300 or set(answer.json()) == {"error", "detail", "body", "errors"}
+
+
+def test_an_interrupted_batch_with_a_random_seed_returns_each_partial_image_with_its_seed(live) -> None:
+    api, slow = live
+    slow.slow = True
+    outcome = {}
+    worker = threading.Thread(target=lambda: outcome.setdefault("result", api.txt2img(
+        prompt="y", steps=20, seed=-1, width=64, height=64, batch_size=2)))
+    worker.start()
+    try:
+        for _ in range(200):
+            if api.get_progress()["progress"] > 0:
+                break
+            time.sleep(0.05)
+        api.interrupt()
+        worker.join(30)
+    finally:
+        slow.slow = False
+    result = outcome["result"]
+    seeds = result.info["all_seeds"]
+    assert len(result.images) == 2 and len(seeds) == 2 and seeds[1] == seeds[0] + 1 and seeds[0] >= 0
+    for image, seed, infotext in zip(result.images, seeds, result.info["infotexts"]):
+        assert f"Seed: {seed}," in infotext and image.size == (64, 64)
+    assert not np.array_equal(np.asarray(result.images[0]), np.asarray(result.images[1]))
+    assert api.get_progress()["state"]["job_count"] == 0  # the interrupted job is over

@@ -559,40 +559,49 @@ def create_router(service: JobService, model_name: str, model_path: Path | None)
         if job.status == "failed":
             raise A1111Error(400 if "image" in (job.error or "") else 500, job.error or "generation failed")
         if job.status == "cancelled" and not job.image_ids:
-            info: dict[str, Any] = {"interrupted": True, "prompt": fields["prompt"], "sd_model_name": chosen}
+            # A1111 answers an interrupted run with what it has drawn: the last step's prediction, decoded.
+            extra: dict[str, Any] = {"interrupted": True}
             images: list[str] = []
+            seeds: list[int] = []
+            infotexts: list[str] = []
+            size = {"width": fields.get("width"), "height": fields.get("height")}
             if box.get("context") is not None:
                 try:
                     pictures, infotexts, seeds = partial_images(box["context"], fields, chosen)
                 except (RuntimeError, ValueError) as error:  # the model went away meanwhile: say so
-                    info["partial_image_error"] = f"{type(error).__name__}: {error}"
+                    extra["partial_image_error"] = f"{type(error).__name__}: {error}"
+                    infotexts = []
                 else:
                     images = [_encode_png(picture, text) for picture, text in zip(pictures, infotexts)]
-                    info.update(infotexts=infotexts, all_seeds=seeds, seed=seeds[0], width=pictures[0].width,
-                                height=pictures[0].height, sampler_name=fields["sampler"], steps=fields["steps"],
-                                interrupted_at_step=box["context"].step)
+                    size = {"width": pictures[0].width, "height": pictures[0].height}
+                    extra["interrupted_at_step"] = box["context"].step
+            info = describe(fields, chosen, seeds, infotexts, size, ignored, job.id) | extra
             return {"images": images if body.get("send_images", True) else [], "parameters": body,
                     "info": json.dumps(info)}
         entries = {entry["id"]: entry for entry in service.images(0, 10_000) if entry["job_id"] == job.id}
         ordered = [entries[image_id] for image_id in job.image_ids]
         images = [_png_base64(service.image_path(image_id)) for image_id in job.image_ids]
-        infotexts = [entry["infotext"] for entry in ordered]
-        seeds = [entry["seed"] for entry in ordered]
         first = ordered[0] if ordered else {"width": fields.get("width"), "height": fields.get("height")}
-        info = {
+        info = describe(fields, chosen, [entry["seed"] for entry in ordered], [entry["infotext"] for entry in ordered],
+                        first, ignored, job.id)
+        return {"images": images if body.get("send_images", True) else [], "parameters": body,
+                "info": json.dumps(info)}
+
+    def describe(fields: dict[str, Any], chosen: str, seeds: list[int], infotexts: list[str],
+                 size: dict[str, Any], ignored: list[str], job_id: str) -> dict[str, Any]:
+        """A1111's `info` of a generation response."""
+        return {
             "prompt": fields["prompt"], "all_prompts": [fields["prompt"]] * len(seeds),
             "negative_prompt": fields["negative_prompt"], "all_negative_prompts": [fields["negative_prompt"]] *
-            len(seeds), "seed": seeds[0] if seeds else -1, "all_seeds": seeds, "subseed": -1,
-            "all_subseeds": [-1] * len(seeds), "subseed_strength": 0, "width": first["width"],
-            "height": first["height"], "sampler_name": fields["sampler"], "cfg_scale": fields["guidance_scale"],
+            len(seeds), "seed": seeds[0] if seeds else fields["seed"], "all_seeds": seeds, "subseed": -1,
+            "all_subseeds": [-1] * len(seeds), "subseed_strength": 0, "width": size["width"],
+            "height": size["height"], "sampler_name": fields["sampler"], "cfg_scale": fields["guidance_scale"],
             "steps": fields["steps"], "batch_size": len(seeds), "sd_model_name": chosen,
             "sd_model_hash": checkpoint_hash(chosen), "denoising_strength": fields.get("strength",
                                                                             fields.get("hires_strength", 0)),
             "infotexts": infotexts, "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
-            "version": f"dapple {__version__}", "ignored": ignored, "dapple_job_id": job.id,
+            "version": f"dapple {__version__}", "ignored": ignored, "dapple_job_id": job_id,
         }
-        return {"images": images if body.get("send_images", True) else [], "parameters": body,
-                "info": json.dumps(info)}
 
     @router.post("/txt2img")
     async def txt2img(body: Txt2ImgRequest) -> dict[str, Any]:
