@@ -226,6 +226,7 @@ def test_schedulers_list_as_a1111_does(live) -> None:
     assert all(set(entry) == {"name", "label", "aliases", "default_rho", "need_inner_model"} for entry in listing)
     assert [entry["name"] for entry in listing] == ["automatic", "uniform", "karras", "exponential", "polyexponential",
                                                     "sgm_uniform", "kl_optimal", "simple", "normal", "ddim", "beta"]
+    assert live[0].util_get_scheduler_names() == sorted(entry["name"] for entry in listing)
     by_name = {entry["name"]: entry for entry in listing}
     assert by_name["karras"] == {"name": "karras", "label": "Karras", "aliases": None, "default_rho": 7.0,
                                  "need_inner_model": False}
@@ -332,6 +333,8 @@ def test_the_checkpoint_is_set_by_title_or_by_bare_name(live) -> None:
     for value in (title, "tiny", " tiny "):
         answer = requests.post(f"{api.baseurl}/options", json={"sd_model_checkpoint": value}, timeout=10)
         assert answer.status_code == 200 and api.get_options()["sd_model_checkpoint"] == title
+    api.util_set_model("tiny")  # webuiapi: the closest title, POSTed back
+    assert api.util_get_current_model() in api.util_get_model_names()
     answer = requests.post(f"{api.baseurl}/options", json={"sd_model_checkpoint": "tiny [0000000000]"}, timeout=10)
     assert answer.status_code == 200  # A1111 matches the name when the hash is stale
     answer = _post(api, "txt2img", {"prompt": "x", "steps": 2, "width": 64, "height": 64,
@@ -504,3 +507,45 @@ def test_an_interrupted_batch_with_a_random_seed_returns_each_partial_image_with
         assert f"Seed: {seed}," in infotext and image.size == (64, 64)
     assert not np.array_equal(np.asarray(result.images[0]), np.asarray(result.images[1]))
     assert api.get_progress()["state"]["job_count"] == 0  # the interrupted job is over
+
+
+def test_a_checkpoint_file_is_titled_by_its_file_name_and_found_by_title_file_name_or_name(tmp_path) -> None:
+    """A1111 titles checkpoints "v1-5.safetensors [shorthash]"; Dapple names them without the extension."""
+    import hashlib
+
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from dapple.interfaces.a1111 import create_router
+
+    checkpoint = tmp_path / "v1-5.safetensors"
+    checkpoint.write_bytes(b"not really weights")
+    digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+
+    class Models:
+        default_name = "base"
+
+        def names(self):
+            return ["base", "v1-5"]
+
+        def path(self, name):
+            return None if name == "base" else checkpoint
+
+        def loaded(self):
+            return ["base"]
+
+    class Service:
+        models = Models()
+
+    app = FastAPI()
+    app.include_router(create_router(Service(), "base", None))
+    with TestClient(app) as client:
+        titles = [entry["title"] for entry in client.get("/sdapi/v1/sd-models").json()]
+        assert titles[1] == f"v1-5.safetensors [{digest[:10]}]" and titles[0].startswith("base [")
+        for value in (titles[1], "v1-5.safetensors", "v1-5"):
+            assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": titles[0]}).status_code == 200
+            assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": value}).status_code == 200
+            options = client.get("/sdapi/v1/options").json()
+            assert options["sd_model_checkpoint"] == titles[1] and options["sd_checkpoint_hash"] == digest
+        missing = client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "v1-6.safetensors"})
+        assert missing.status_code == 404 and titles[1] in missing.json()["detail"]
