@@ -1101,7 +1101,7 @@ def inspect_unet(
 
     with user_errors():
         if not 0 <= t <= 999:
-            raise DappleError(f"--t {t} is invalid; allowed: a timestep in 0..999")
+            raise DappleError(f"--t: t={t} is invalid; allowed: 0..999 (a timestep)")
         picture = _open_picture(image)
         _report(unet_call(_inspect_pipe(model, out, threads), picture, prompt, t, out, seed=seed))
 
