@@ -250,3 +250,18 @@ def test_a_misspelt_sampler_or_schedule_type_gets_a_suggestion(name, schedule_ty
 def test_the_cli_passes_the_sampler_suggestion_on(tmp_path) -> None:
     result = runner.invoke(app, ["generate", "x", "--sampler", "Eular a", "--out", str(tmp_path)])
     assert result.exit_code == 2 and result.stderr.strip().endswith("did you mean 'Euler a'?")
+
+
+def test_a_misspelt_choice_gets_a_suggestion(tmp_path) -> None:
+    from PIL import Image
+
+    Image.new("RGB", (64, 64)).save(tmp_path / "i.png")
+    fill = runner.invoke(app, ["inpaint", str(tmp_path / "i.png"), str(tmp_path / "i.png"), "x", "--fill", "orignal"])
+    assert fill.exit_code == 2 and fill.stderr.strip().endswith("(or its index); did you mean 'original'?")
+    upscaler = runner.invoke(app, ["generate", "x", "--hires-scale", "2", "--hires-upscaler", "Lanczoss"])
+    assert upscaler.exit_code == 2 and upscaler.stderr.strip().endswith("did you mean 'Lanczos'?")
+    unlike = runner.invoke(app, ["generate", "x", "--hires-scale", "2", "--hires-upscaler", "qqqqq"])
+    assert unlike.exit_code == 2 and "did you mean" not in unlike.stderr and "must be one of" in unlike.stderr
+    mode = runner.invoke(app, ["merge", "a.safetensors", "b.safetensors", "--mode", "weighted", "--out",
+                               str(tmp_path / "m.safetensors")])
+    assert mode.exit_code == 2 and mode.stderr.strip().endswith("did you mean 'weighted-sum'?")

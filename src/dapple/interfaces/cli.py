@@ -85,6 +85,9 @@ def cli_names(message: str) -> str:
         message = re.sub(rf"(?<![\w.-]){field}=", f"{flag} ", message)
         if "_" in field:
             message = re.sub(rf"(?<![\w.-]){field}\b", flag, message)
+    choice = re.search(r"'([^']*)' is invalid: \S+ must be one of ((?:'[^']*'(?:, )?)+)", message)
+    if choice:  # a misspelt choice: "--fill 'orignal' is invalid: ... must be one of 'fill', 'original', ..."
+        message += _did_you_mean(choice.group(1), re.findall(r"'([^']*)'", choice.group(2)))
     return message
 
 

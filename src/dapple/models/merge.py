@@ -10,6 +10,7 @@ anything is written.
 
 from __future__ import annotations
 
+import difflib
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -45,7 +46,9 @@ def merge_checkpoints(a: Path, b: Path, out: Path, *, mode: str = "weighted-sum"
                       c: Path | None = None) -> Path:
     """Merge single-file checkpoints A and B (and C for add-difference) into `out`."""
     if mode not in MODES:
-        raise DappleError(f"merge mode {mode!r} is unknown; allowed: {', '.join(MODES)}")
+        close = difflib.get_close_matches(mode, MODES, n=1)
+        raise DappleError(f"merge mode {mode!r} is unknown; allowed: {', '.join(MODES)}"
+                          + (f"; did you mean {close[0]!r}?" if close else ""))
     if mode == "add-difference" and c is None:
         raise DappleError("add-difference needs a third model C: A + (B - C) * alpha")
     if mode == "weighted-sum" and c is not None:
