@@ -196,7 +196,8 @@ def test_every_a1111_schedule_type_with_euler_a_and_dpmpp_2m(live) -> None:
                                          ("DPM++ 2M", "sgm_uniform", "SGM Uniform"), ("Euler", "Beta", "Beta"),
                                          ("Euler a", "exponential", "Exponential"), ("DDIM", "normal", "Normal"),
                                          ("PLMS", "simple", "Simple"), ("UniPC", "Automatic", None),
-                                         ("DPM++ 2M", "KL Optimal", "KL Optimal")):
+                                         ("DPM++ 2M", "KL Optimal", "KL Optimal"),
+                                         ("Euler a", "align_your_steps", "Align Your Steps")):
         result = api.txt2img(prompt="x", steps=2, seed=2, width=64, height=64, sampler_name=sampler,
                              scheduler=scheduler)
         assert len(result.images) == 1, (sampler, scheduler)
@@ -225,7 +226,8 @@ def test_schedulers_list_as_a1111_does(live) -> None:
     listing = requests.get(f"{live[0].baseurl}/schedulers", timeout=10).json()
     assert all(set(entry) == {"name", "label", "aliases", "default_rho", "need_inner_model"} for entry in listing)
     assert [entry["name"] for entry in listing] == ["automatic", "uniform", "karras", "exponential", "polyexponential",
-                                                    "sgm_uniform", "kl_optimal", "simple", "normal", "ddim", "beta"]
+                                                    "sgm_uniform", "kl_optimal", "align_your_steps", "simple",
+                                                    "normal", "ddim", "beta"]  # all of A1111's 12
     assert live[0].util_get_scheduler_names() == sorted(entry["name"] for entry in listing)
     by_name = {entry["name"]: entry for entry in listing}
     assert by_name["karras"] == {"name": "karras", "label": "Karras", "aliases": None, "default_rho": 7.0,

@@ -50,6 +50,12 @@ def test_every_sampler_and_schedule_type_at_1_to_3_steps_on_a_zero_terminal_snr_
     found = outcomes(zero_snr_pipe, None)
     assert all(found[f"PNDM{suffix}", steps] == "ok" for suffix in ("", " Uniform", " DDIM") for steps in (1, 2, 3))
     refused = {key: message for key, message in found.items() if message != "ok"}
+    # Align Your Steps' tables are sigmas of SD's noise schedule, not of this one: refused for every sampler.
+    tabulated = {key for key in refused if key[0].endswith("Align Your Steps")}
+    assert tabulated == {(f"{spec.name} Align Your Steps", steps) for spec in SAMPLERS
+                         if "Align Your Steps" in spec.schedule_types for steps in (1, 2, 3)}
+    assert all("tabulated for SD 1.x/SDXL's noise schedule" in refused[key] for key in tabulated)
+    refused = {key: message for key, message in refused.items() if key not in tabulated}
     # diffusers' DPM2 a cannot take an ancestral step from the first sigma (4096) straight to sigma(t=0): its
     # interpolated sigma is 0 and its timestep NaN. Refused, with what to do instead.
     assert set(refused) == {("DPM2 a Uniform", 2), ("DPM2 a Normal", 2)}
@@ -60,6 +66,7 @@ def test_every_sampler_and_schedule_type_at_1_to_3_steps_on_a_zero_terminal_snr_
 
 
 def test_every_sampler_at_1_to_3_steps_on_an_sd15_schedule(pipe) -> None:
-    found = outcomes(pipe, ("Automatic",))
+    found = outcomes(pipe, ("Automatic", "Align Your Steps"))
     assert set(found.values()) == {"ok"}
-    assert len(found) == 3 * len(SAMPLERS) and ("PNDM", 1) in found
+    assert ("PNDM", 1) in found and ("DPM++ 2M Align Your Steps", 1) in found and ("DPM2 a Align Your Steps", 2) \
+        in found

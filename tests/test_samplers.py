@@ -45,9 +45,6 @@ def test_schedule_type_the_class_lacks_is_an_error() -> None:
     with pytest.raises(UnknownSamplerError, match=r"not available for DDIM \(DDIMScheduler steps by timesteps, "
                        r"not by a sigma schedule\); valid: Automatic, Uniform, SGM Uniform, Simple, Normal, DDIM$"):
         resolve_sampler("DDIM Karras")
-    with pytest.raises(UnknownSamplerError, match="not available for Euler .*no Align Your Steps spacing.*valid: "
-                       "Automatic, Uniform, Karras"):
-        resolve_sampler("Euler", "Align Your Steps")
     with pytest.raises(UnknownSamplerError, match="unknown schedule type 'Karas'; valid schedule types: Automatic, "
                        "Uniform, Karras, Exponential, Polyexponential, SGM Uniform, KL Optimal"):
         resolve_sampler("Euler", "Karas")
@@ -123,7 +120,7 @@ A1111_SCHEDULE_TYPES = [
     ("Karras", "karras", {"use_karras_sigmas": True}), ("Exponential", "exponential", {"use_exponential_sigmas": True}),
     ("Polyexponential", "polyexponential", {"use_exponential_sigmas": True}),
     ("SGM Uniform", "sgm_uniform", {"timestep_spacing": "trailing"}), ("KL Optimal", "kl_optimal", {"use_karras_sigmas": True}),
-    ("Align Your Steps", "align_your_steps", None), ("Simple", "simple", {"timestep_spacing": "trailing"}),
+    ("Align Your Steps", "align_your_steps", {"use_karras_sigmas": True}), ("Simple", "simple", {"timestep_spacing": "trailing"}),
     ("Normal", "normal", {"timestep_spacing": "linspace"}), ("DDIM", "ddim", {"timestep_spacing": "leading"}),
     ("Beta", "beta", {"use_beta_sigmas": True}),
 ]
@@ -134,7 +131,7 @@ TIMESTEP_SAMPLERS = ("DDIM", "PNDM", "DDPM", "LCM")  # alpha-bar steppers: no si
 def test_every_sampler_takes_every_a1111_schedule_type_or_refuses_it_by_name(label, api_name, config) -> None:
     """By its label, its API name or its combined form, each schedule type gives the diffusers setting it means,
     for every sampler; a combination diffusers cannot honour is refused naming what that sampler allows."""
-    sigma_based = label in ("Karras", "Exponential", "Polyexponential", "Beta", "KL Optimal")
+    sigma_based = label in ("Karras", "Exponential", "Polyexponential", "Beta", "KL Optimal", "Align Your Steps")
     for spec in SAMPLERS:
         honoured = config is not None and not (sigma_based and spec.name in TIMESTEP_SAMPLERS)
         for asked in ((spec.name, label), (spec.name, api_name), (f"{spec.name} {label}", None),
@@ -149,7 +146,7 @@ def test_every_sampler_takes_every_a1111_schedule_type_or_refuses_it_by_name(lab
             scheduler = create_scheduler(choice, SD15_SCHEDULER_CONFIG)
             for key, value in config.items():
                 if spec.name == "Euler a" and key.startswith("use_"):  # diffusers' Euler a has no such switch
-                    assert type(scheduler).spacing == ("kl_optimal" if label == "KL Optimal" else
+                    assert type(scheduler).spacing == (api_name if label in ("KL Optimal", "Align Your Steps") else
                                                        key.removeprefix("use_").removesuffix("_sigmas"))
                 else:
                     assert scheduler.config[key] == value
@@ -222,3 +219,37 @@ def test_kl_optimal_sigmas_are_a1111s(name) -> None:
     assert not torch.allclose(scheduler.sigmas, karras.sigmas)
     assert (np.diff(scheduler.timesteps.numpy().astype(float)) < 0).all()
     assert isinstance(scheduler, type(create_scheduler(name, SD15_SCHEDULER_CONFIG)))
+
+
+@pytest.mark.parametrize("name", ["Euler", "Euler a", "DPM++ 2M", "Heun", "UniPC"])
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_align_your_steps_is_a1111s_table_for_the_model_family(name, family) -> None:
+    """A1111's align_your_steps: NVIDIA's 11 sigmas for SD 1.5 or SDXL at 11 steps, their log-linear interpolation
+    otherwise (A1111's loglinear_interp), then 0; SD 1.5's 10-step timesteps are NVIDIA's published ones."""
+    import numpy as np
+
+    from dapple.samplers import ALIGN_YOUR_STEPS_SIGMAS
+
+    table = np.array(ALIGN_YOUR_STEPS_SIGMAS[family])
+    scheduler = create_scheduler(resolve_sampler(name, "Align Your Steps"), SD15_SCHEDULER_CONFIG, family=family)
+    scheduler.set_timesteps(11)
+    assert np.allclose(np.unique(scheduler.sigmas.numpy())[::-1], np.append(table, 0.0), rtol=1e-4)
+    scheduler.set_timesteps(6)
+    xs, reference = np.linspace(0, 1, 11), np.log(table[::-1])
+    expected = np.exp(np.interp(np.linspace(0, 1, 6), xs, reference))[::-1]
+    assert np.allclose(np.unique(scheduler.sigmas.numpy())[::-1], np.append(expected, 0.0), rtol=1e-4)
+    if family == "sd" and name in ("Euler", "DPM++ 2M"):
+        # NVIDIA's SD 1.5 timesteps for its table (research.nvidia.com/labs/toronto-ai/AlignYourSteps); A1111, and
+        # so Dapple, uses the 11-entry table as is at 11 steps (and interpolates it at any other count, 10 too).
+        scheduler.set_timesteps(11)
+        nvidia = [999, 850, 736, 645, 545, 455, 343, 233, 124, 24]
+        assert np.abs(scheduler.timesteps.numpy()[:10].astype(float) - nvidia).max() <= 1.5
+
+
+def test_align_your_steps_refuses_a_model_on_another_noise_schedule() -> None:
+    from dapple.errors import InvalidRequestError
+    from dapple.samplers import set_timesteps
+
+    choice = resolve_sampler("Euler", "Align Your Steps")
+    with pytest.raises(InvalidRequestError, match="tabulated for SD 1.x/SDXL's noise schedule .*first sigma is 4096"):
+        set_timesteps(create_scheduler(choice, ZERO_SNR_V), choice, 10)

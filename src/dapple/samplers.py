@@ -55,11 +55,11 @@ SCHEDULE_TYPE_LIST: tuple[ScheduleType, ...] = (
                  sigmas=True, description="polyexponential at rho 1 (A1111's default), which is the exponential one"),
     ScheduleType("sgm_uniform", "SGM Uniform", {"timestep_spacing": "trailing"}, aliases=("SGMUniform",),
                  need_inner_model=True, description="timesteps evenly from the first, the last left out (trailing)"),
-    # diffusers has no KL Optimal switch: its Karras switch with the spacing function swapped (kl_optimal_sigmas).
+    # diffusers has no KL Optimal or Align Your Steps switch: its Karras switch with the spacing function swapped.
     ScheduleType("kl_optimal", "KL Optimal", {"use_karras_sigmas": True}, sigmas=True,
                  description="sigmas evenly spaced in arctan(sigma) (A1111's kl_optimal)"),
-    ScheduleType("align_your_steps", "Align Your Steps", {}, sigmas=True,
-                 description="Sabour et al. 2024's tabulated schedules; diffusers has no such schedule switch"),
+    ScheduleType("align_your_steps", "Align Your Steps", {"use_karras_sigmas": True}, sigmas=True,
+                 description="Sabour et al. 2024's tabulated sigmas for SD 1.x and SDXL (align_your_steps_sigmas)"),
     ScheduleType("simple", "Simple", {"timestep_spacing": "trailing"}, need_inner_model=True,
                  description="every (1000/steps)-th timestep from the top (ComfyUI's simple; trailing)"),
     ScheduleType("normal", "Normal", {"timestep_spacing": "linspace"}, need_inner_model=True,
@@ -70,8 +70,7 @@ SCHEDULE_TYPE_LIST: tuple[ScheduleType, ...] = (
                  description="Lee et al. 2024, beta(0.6, 0.6) spacing of timesteps"),
 )
 # Schedule types diffusers offers no switch for: refused (never run on another spacing) with what is allowed.
-# Align Your Steps is a table of sigmas per model family (SD 1.5, SDXL), which a scheduler config does not name.
-UNSUPPORTED_SCHEDULE_TYPES = ("Align Your Steps",)
+UNSUPPORTED_SCHEDULE_TYPES: tuple[str, ...] = ()
 
 # Label -> the scheduler init arguments that switch it on ("Automatic" keeps the model's own spacing).
 SCHEDULE_TYPES: dict[str, dict[str, Any]] = {kind.label: dict(kind.config) for kind in SCHEDULE_TYPE_LIST}
@@ -202,8 +201,7 @@ def _split_combined(name: str) -> tuple[SamplerSpec, ScheduleType] | None:
 
 def _why_not(spec: SamplerSpec, kind: ScheduleType) -> str:
     if kind.label in UNSUPPORTED_SCHEDULE_TYPES:
-        return (f"diffusers' schedulers have no {kind.label} spacing, and its tabulated sigmas depend on the model "
-                "family")
+        return f"diffusers' schedulers have no {kind.label} spacing"
     if kind.label == "Beta" and not _beta_available():
         return "diffusers' beta sigmas need scipy (pip install scipy)"
     return f"{spec.class_name} steps by timesteps, not by a sigma schedule"
@@ -264,25 +262,47 @@ def kl_optimal_sigmas(self: SchedulerMixin, in_sigmas: Any, num_inference_steps:
     return np.tan(fraction * np.arctan(sigma_min) + (1 - fraction) * np.arctan(sigma_max))
 
 
-_KL_OPTIMAL_CLASSES: dict[type, type] = {}
+# Align Your Steps (Sabour et al., 2024, "Align Your Steps: Optimizing Sampling Schedules in Diffusion Models"):
+# NVIDIA's optimized 10-step sigmas per model family, as A1111 tabulates them (modules/sd_schedulers.py).
+ALIGN_YOUR_STEPS_SIGMAS = {
+    "sd": (14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029),
+    "sdxl": (14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029),
+}
 
 
-def _kl_optimal_class(base: type[SchedulerMixin]) -> type[SchedulerMixin]:
-    """`base` with KL Optimal sigmas where its Karras switch would put Karras sigmas (one subclass per class)."""
-    if base not in _KL_OPTIMAL_CLASSES:
-        _KL_OPTIMAL_CLASSES[base] = type(f"{base.__name__.removesuffix('Scheduler')}KLOptimalScheduler", (base,),
-                                         {"_convert_to_karras": kl_optimal_sigmas, "__module__": __name__})
-    return _KL_OPTIMAL_CLASSES[base]
+def align_your_steps_sigmas(self: SchedulerMixin, in_sigmas: Any, num_inference_steps: int | None = None) -> Any:
+    """Align Your Steps for the subclass's model family (`ays_table`), in the place of _convert_to_karras: the
+    table itself for 11 steps, else its log-linear interpolation to n steps, as A1111's loglinear_interp. The
+    tables are absolute sigmas of SD's noise schedule (sigma_max 14.615): a model on another schedule (a
+    zero-terminal-SNR one's first sigma is 4096) is refused rather than started from the wrong noise level."""
+    import numpy as np
+
+    steps = num_inference_steps or self.num_inference_steps
+    table = np.array(self.ays_table, dtype=np.float64)
+    model_max = float(((1 - self.alphas_cumprod[-1]) / self.alphas_cumprod[-1]) ** 0.5)
+    if abs(model_max / table[0] - 1) > 0.01:
+        raise InvalidRequestError(
+            f"schedule type 'Align Your Steps' is tabulated for SD 1.x/SDXL's noise schedule (first sigma "
+            f"{table[0]}); this model's first sigma is {model_max:.4g}: use another schedule type")
+    if steps == len(table):
+        return table
+    log_sigmas = np.interp(np.linspace(0, 1, steps), np.linspace(0, 1, len(table)), np.log(table[::-1]))
+    return np.exp(log_sigmas)[::-1].copy()
+
+
+SPACING_FUNCTIONS = {"kl_optimal": kl_optimal_sigmas, "align_your_steps": align_your_steps_sigmas}
 
 
 class _SigmaSpacedEulerAncestral(diffusers.EulerAncestralDiscreteScheduler):
-    """Euler a on a Karras, exponential, beta or KL Optimal spacing of sigmas (diffusers' Euler a has no switch).
+    """Euler a on a Karras, exponential, beta, KL Optimal or Align Your Steps spacing of sigmas (diffusers' Euler
+    a has no such switch).
 
     The sigmas are diffusers' Euler's for the same switch (its _convert_to_* on the spaced sigmas) and the
     timesteps the UNet sees are the ones those sigmas belong to (its _sigma_to_t), as EulerDiscreteScheduler
-    computes them; the ancestral step itself is diffusers' unchanged. `spacing` is set by the subclasses below."""
+    computes them; the ancestral step itself is diffusers' unchanged. `spacing` is set by the subclasses."""
 
     spacing = ""
+    ays_table: tuple[float, ...] = ALIGN_YOUR_STEPS_SIGMAS["sd"]
 
     def set_timesteps(self, num_inference_steps: int, device: Any = None) -> None:
         import numpy as np
@@ -291,7 +311,7 @@ class _SigmaSpacedEulerAncestral(diffusers.EulerAncestralDiscreteScheduler):
         super().set_timesteps(num_inference_steps, device=device)
         euler = diffusers.EulerDiscreteScheduler
         convert = {"karras": euler._convert_to_karras, "exponential": euler._convert_to_exponential,
-                   "beta": euler._convert_to_beta, "kl_optimal": kl_optimal_sigmas}[self.spacing]
+                   "beta": euler._convert_to_beta, **SPACING_FUNCTIONS}[self.spacing]
         log_sigmas = np.log(np.array(((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5))
         sigmas = np.asarray(convert(self, in_sigmas=self.sigmas[:-1].numpy(),
                                     num_inference_steps=num_inference_steps), dtype=np.float64)
@@ -302,14 +322,25 @@ class _SigmaSpacedEulerAncestral(diffusers.EulerAncestralDiscreteScheduler):
         self._begin_index = None
 
 
-# Samplers whose diffusers class lacks the sigma switches, and the subclass per spacing that gives them.
-SIGMA_SPACED: dict[str, dict[str, type[SchedulerMixin]]] = {
-    "Euler a": {
-        spacing: type(f"EulerAncestral{spacing.title().replace('_', '')}Scheduler", (_SigmaSpacedEulerAncestral,),
-                      {"spacing": spacing, "__module__": __name__})
-        for spacing in ("karras", "exponential", "beta", "kl_optimal")
-    },
-}
+# Samplers whose diffusers class lacks the sigma switches: _SigmaSpacedEulerAncestral's subclasses space them.
+SIGMA_SPACED = {"Euler a": _SigmaSpacedEulerAncestral}
+_RESPACED: dict[tuple[type, str, str], type] = {}
+
+
+def _respaced_class(base: type[SchedulerMixin], spacing: str, family: str) -> type[SchedulerMixin]:
+    """`base` on a spacing diffusers has no switch for: Euler a's subclass with that spacing, or a class's Karras
+    switch with the spacing function swapped in (one subclass per class, spacing and model family)."""
+    key = (base, spacing, family)
+    if key not in _RESPACED:
+        attrs: dict[str, Any] = {"ays_table": ALIGN_YOUR_STEPS_SIGMAS[family], "__module__": __name__}
+        if issubclass(base, _SigmaSpacedEulerAncestral):
+            attrs["spacing"] = spacing
+            name = f"EulerAncestral{spacing.title().replace('_', '')}Scheduler"
+        else:
+            attrs["_convert_to_karras"] = SPACING_FUNCTIONS[spacing]
+            name = f"{base.__name__.removesuffix('Scheduler')}{spacing.title().replace('_', '')}Scheduler"
+        _RESPACED[key] = type(name, (base,), attrs)
+    return _RESPACED[key]
 
 
 def create_scheduler(
@@ -317,11 +348,13 @@ def create_scheduler(
     base_config: Mapping[str, Any],
     *,
     seeds: Sequence[int] | None = None,
+    family: str = "sd",
 ) -> SchedulerMixin:
     """A fresh scheduler for one run (schedulers keep per-run state, so never share one between runs).
 
     base_config is the model's scheduler config (its noise schedule); the sampler's overrides go on top.
     seeds make samplers with their own noise source (DPM++ SDE's Brownian tree) reproducible per image.
+    family ("sd" or "sdxl") picks Align Your Steps' table, as A1111 does by the model's kind.
     """
     if isinstance(choice, str):
         choice = resolve_sampler(choice)
@@ -331,13 +364,14 @@ def create_scheduler(
     params = inspect.signature(scheduler_class.__init__).parameters
     if choice.schedule_type != "Automatic":  # one sigma spacing, not the model config's as well
         kind_config = {**{flag: False for flag in SIGMA_FLAGS if flag in params}, **kind_config}
+    kind = find_schedule_type(choice.schedule_type)
     flag = next((key for key in kind_config if key in SIGMA_FLAGS and key not in params), None)
     if flag is not None:  # e.g. Euler a Karras: diffusers' class has no switch; Dapple's subclass spaces it
-        spacing = "kl_optimal" if choice.schedule_type == "KL Optimal" else flag[4:].removesuffix("_sigmas")
-        scheduler_class = SIGMA_SPACED[spec.name][spacing]
+        spacing = kind.name if kind.name in SPACING_FUNCTIONS else flag[4:].removesuffix("_sigmas")
+        scheduler_class = _respaced_class(SIGMA_SPACED[spec.name], spacing, family)
         kind_config.pop(flag)
-    elif choice.schedule_type == "KL Optimal":  # the class's Karras switch, with KL Optimal's spacing function
-        scheduler_class = _kl_optimal_class(scheduler_class)
+    elif kind.name in SPACING_FUNCTIONS:  # the class's Karras switch, with this spacing's function in its place
+        scheduler_class = _respaced_class(scheduler_class, kind.name, family)
     overrides: dict[str, Any] = {**spec.config, **kind_config}
     if seeds is not None and "noise_sampler_seed" in params:
         overrides["noise_sampler_seed"] = list(seeds)
@@ -366,6 +400,8 @@ def set_timesteps(scheduler: SchedulerMixin, choice: SamplerChoice, steps: int, 
                      "at least 4 steps")
     try:
         scheduler.set_timesteps(steps, device=device)
+    except InvalidRequestError:
+        raise
     except (ValueError, IndexError, ZeroDivisionError) as error:
         raise refuse(f"diffusers' {type(scheduler).__name__} says: {error}") from None
     for name in ("timesteps", "sigmas"):

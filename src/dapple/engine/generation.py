@@ -110,7 +110,8 @@ class Run:
 
     def scheduler(self, steps: int) -> SchedulerMixin:
         """A fresh scheduler for this run's sampler with `steps` timesteps set."""
-        scheduler = create_scheduler(self.choice, self.components.scheduler_config, seeds=self.seeds)
+        scheduler = create_scheduler(self.choice, self.components.scheduler_config, seeds=self.seeds,
+                                     family="sdxl" if self.components.is_xl else "sd")  # Align Your Steps' table
         set_timesteps(scheduler, self.choice, steps, self.device)  # a step count it cannot take is refused
         return scheduler
 

@@ -521,7 +521,8 @@ def create_router(service: JobService, model_name: str, model_path: Path | None)
             return  # the request's own bounds answer an out-of-range step count
         choice = resolve_sampler(fields["sampler"])
         try:
-            set_timesteps(create_scheduler(choice, config, seeds=[0]), choice, fields["steps"])
+            family = "sdxl" if getattr(components, "is_xl", False) else "sd"
+            set_timesteps(create_scheduler(choice, config, seeds=[0], family=family), choice, fields["steps"])
         except InvalidRequestError as error:
             raise A1111Error(422, str(error)) from None
 
