@@ -69,9 +69,6 @@ SCHEDULE_TYPE_LIST: tuple[ScheduleType, ...] = (
     ScheduleType("beta", "Beta", {"use_beta_sigmas": True}, need_inner_model=True, sigmas=True,
                  description="Lee et al. 2024, beta(0.6, 0.6) spacing of timesteps"),
 )
-# Schedule types diffusers offers no switch for: refused (never run on another spacing) with what is allowed.
-UNSUPPORTED_SCHEDULE_TYPES: tuple[str, ...] = ()
-
 # Label -> the scheduler init arguments that switch it on ("Automatic" keeps the model's own spacing).
 SCHEDULE_TYPES: dict[str, dict[str, Any]] = {kind.label: dict(kind.config) for kind in SCHEDULE_TYPE_LIST}
 _SCHEDULE_BY_NAME: dict[str, ScheduleType] = {
@@ -106,12 +103,13 @@ class SamplerSpec:
     @property
     def schedule_types(self) -> list[str]:
         """The schedule types this sampler follows: timestep spacings for every class; sigma spacings (Karras,
-        Exponential, Beta) for the classes with a sigma schedule (diffusers' switch, or Euler a's own below)."""
+        Exponential, Beta, KL Optimal, Align Your Steps) for the classes with a sigma schedule (diffusers'
+        switch, or Dapple's subclasses below where diffusers has none)."""
         params = inspect.signature(self.scheduler_class.__init__).parameters
         sigma_based = all(flag in params for flag in SIGMA_FLAGS) or self.name in SIGMA_SPACED
         kinds = []
         for kind in SCHEDULE_TYPE_LIST:
-            if kind.label in UNSUPPORTED_SCHEDULE_TYPES or (kind.sigmas and not sigma_based):
+            if kind.sigmas and not sigma_based:
                 continue
             if kind.label == "Beta" and not _beta_available():
                 continue
@@ -200,8 +198,6 @@ def _split_combined(name: str) -> tuple[SamplerSpec, ScheduleType] | None:
 
 
 def _why_not(spec: SamplerSpec, kind: ScheduleType) -> str:
-    if kind.label in UNSUPPORTED_SCHEDULE_TYPES:
-        return f"diffusers' schedulers have no {kind.label} spacing"
     if kind.label == "Beta" and not _beta_available():
         return "diffusers' beta sigmas need scipy (pip install scipy)"
     return f"{spec.class_name} steps by timesteps, not by a sigma schedule"
