@@ -478,10 +478,11 @@ def create_router(service: JobService, model_name: str, model_path: Path | None)
 
     def checkpoint(wanted: str) -> str:
         """A checkpoint by its sd-models title ("name.safetensors [hash]"), its file name or its bare name."""
+        # A title is "<file name> [<short hash>]": its file name finds it, as in A1111 (a stale hash too).
         stripped = wanted.strip()
         for candidate in (stripped, stripped.rsplit(" [", 1)[0] if stripped.endswith("]") else stripped):
             for name in service.models.names():
-                if candidate in (name, file_name(name)) or candidate == title(name):
+                if candidate in (name, file_name(name)):
                     return name
         names = service.models.names()
         raise A1111Error(404, f"unknown checkpoint {wanted!r}; available: {', '.join(names)} (by name or by "
@@ -511,9 +512,12 @@ def create_router(service: JobService, model_name: str, model_path: Path | None)
         return images, infotexts, seeds
 
     def preflight(fields: dict[str, Any], chosen: str) -> None:
-        """Refuse (422) a step count the sampler cannot take on a loaded model's schedule before the job is
-        queued, rather than answer the failed job with a 500."""
-        if chosen not in service.models.loaded() or not isinstance(fields.get("steps"), int):
+        """Refuse (422) a step count the sampler cannot take on the default model's schedule before the job is
+        queued, rather than answer the failed job with a 500 (another model is not loaded here to find out; its
+        job fails with the same message)."""
+        if fields["model"] is not None or chosen not in service.models.loaded():
+            return
+        if not isinstance(fields.get("steps"), int):
             return
         components = getattr(service.models.get(fields["model"]), "components", None)
         config = getattr(components, "scheduler_config", None)
