@@ -265,3 +265,16 @@ def test_a_misspelt_choice_gets_a_suggestion(tmp_path) -> None:
     mode = runner.invoke(app, ["merge", "a.safetensors", "b.safetensors", "--mode", "weighted", "--out",
                                str(tmp_path / "m.safetensors")])
     assert mode.exit_code == 2 and mode.stderr.strip().endswith("did you mean 'weighted-sum'?")
+
+
+def test_serve_on_a_port_in_use_is_one_line(tmp_path) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        result = runner.invoke(app, ["serve", "--port", str(port), "--data-dir", str(tmp_path / "data")])
+    lines = [line for line in result.stderr.strip().splitlines() if not line.startswith("loaded ")]
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert lines[0].startswith(f"error: cannot listen on --host 127.0.0.1 --port {port}: ") and "in use" in lines[0]
+    unknown = runner.invoke(app, ["serve", "--host", "no-such-host.invalid", "--data-dir", str(tmp_path / "data")])
+    assert unknown.exit_code == 2 and "cannot listen on --host no-such-host.invalid" in unknown.stderr

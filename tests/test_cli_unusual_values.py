@@ -37,7 +37,7 @@ BASE: dict[str, list[str]] = {
     "depth2img": ["IMAGE", "IMAGE", "a cat", "--model", "DEPTH", "--out", "OUT", "--steps", "1", "--seed", "1"],
     "convert": ["CKPT", "--out", "OUT/converted.safetensors"],
     "merge": ["SAFE_A", "SAFE_B", "--out", "OUT/merged.safetensors"],
-    "serve": ["--model", "TINY", "--data-dir", "OUT/data"],
+    "serve": ["--model", "TINY", "--data-dir", "OUT/data", "--port", "PORT"],
     "models": ["--models-dir", "MODELS"],
     "samplers": [],
     "info": ["PNG"],
@@ -150,7 +150,15 @@ def places(tmp_path_factory, tiny_model_dir, depth_model_dir) -> dict[str, str]:
             "MASK": str(root / "mask.png"), 
             "CKPT": str(root / "model.ckpt"), "SAFE_A": str(root / "a.safetensors"),
             "SAFE_B": str(root / "b.safetensors"), "MODELS": str(root / "models"), "PNG": str(png),
-            "OUT": str(root / "out")}
+            "OUT": str(root / "out"), "PORT": str(_free_port())}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def _expand(args: list[str], places: dict[str, str], case_dir: Path) -> list[str]:

@@ -179,6 +179,22 @@ def check_image_file(path: Path, label: str) -> None:
         fail(f"{label} {path} is a folder; give an image file (PNG, JPEG, WebP ...)")
 
 
+def check_can_listen(host: str, port: int) -> None:
+    """Bind the address once before serving, so that a port in use or a host name that does not resolve is one
+    line and exit code 2, not uvicorn's log line and exit code 1."""
+    import socket
+
+    try:
+        family, kind, protocol, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, protocol) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            probe.bind(address)
+    except OSError as error:
+        reason = error.strerror or str(error)
+        fail(f"cannot listen on --host {host} --port {port}: {reason}; choose another --port (or stop what uses "
+             "it), or a --host this machine has")
+
+
 def check_dtype(dtype: Optional[str]) -> None:
     if dtype is not None:
         import torch
@@ -776,6 +792,7 @@ def serve(
         folders = _model_folders(models_dir) if models_dir is not None else None
         pool = ModelPool(lambda: pipe, pipe.components.name, folders, load)
         service = JobService(data_dir, lambda: pipe, queue_size=queue_size, models=pool)
+    check_can_listen(host, port)
     service.start()
     try:  # uvicorn re-raises SIGTERM once it has shut down: exit through `finally`, which stops the worker
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
