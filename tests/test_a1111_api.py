@@ -551,3 +551,18 @@ def test_a_checkpoint_file_is_titled_by_its_file_name_and_found_by_title_file_na
             assert options["sd_model_checkpoint"] == titles[1] and options["sd_checkpoint_hash"] == digest
         missing = client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "v1-6.safetensors"})
         assert missing.status_code == 404 and titles[1] in missing.json()["detail"]
+
+
+@pytest.mark.parametrize("literal", [b"NaN", b"Infinity", b"-Infinity"])
+def test_non_finite_numbers_are_refused_so_no_response_or_later_get_breaks(live, literal) -> None:
+    """Python's JSON reader takes NaN and Infinity; an echoed or stored one would make the response unencodable."""
+    import requests
+
+    base = live[0].baseurl
+    before = requests.get(f"{base}/options", timeout=10).json()
+    for route, data in (("txt2img", b'{"steps": 2, "width": 64, "height": 64, "s_churn": %s}' % literal),
+                        ("txt2img", b'{"steps": 2, "width": 64, "height": 64, "my_extra": [%s]}' % literal),
+                        ("options", b'{"eta_ddim": %s}' % literal), ("options", b'{"my_option": {"a": %s}}' % literal)):
+        answer = requests.post(f"{base}/{route}", data=data, headers={"content-type": "application/json"}, timeout=60)
+        assert answer.status_code == 422 and "allowed: finite numbers" in answer.json()["detail"], answer.text
+    assert requests.get(f"{base}/options", timeout=10).json() == before

@@ -16,6 +16,7 @@ import base64
 import hashlib
 import io
 import json
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -70,8 +71,9 @@ class A1111Error(DappleError):
 
 
 def check_json(value: Any, what: str = "body", max_depth: int = MAX_JSON_DEPTH) -> None:
-    """Refuse (ValueError) JSON nested deeper than max_depth or holding text that is not valid Unicode (a lone
-    surrogate such as "\\ud800" cannot be encoded in a response). Iterative, so any depth is safe to check."""
+    """Refuse (ValueError) JSON nested deeper than max_depth, holding text that is not valid Unicode (a lone
+    surrogate such as "\\ud800" cannot be encoded in a response) or a number that is not finite (Python's JSON
+    reader takes NaN and Infinity, which no JSON response may hold). Iterative, so any depth is safe to check."""
     stack: list[tuple[Any, int, str]] = [(value, 1, what)]
     while stack:
         item, depth, where = stack.pop()
@@ -87,6 +89,8 @@ def check_json(value: Any, what: str = "body", max_depth: int = MAX_JSON_DEPTH) 
                 stack.append((child, depth + 1, path if len(path) <= 100 else where))
         elif isinstance(item, str):
             _check_text(item, where)
+        elif isinstance(item, float) and not math.isfinite(item):
+            raise ValueError(f"{where} is {item!r}; allowed: finite numbers")
 
 
 def _check_text(text: str, where: str) -> None:
