@@ -233,6 +233,9 @@ def _assert_no_traceback(result, args) -> None:
 def test_every_command_is_covered() -> None:
     assert set(_commands()) == set(BASE)
     assert len(_cases()) > 800
+    for name in BASE:  # and each one's help, as the wrapping that checks text keeps it
+        result = runner.invoke(app, [*name.split(), "--help"])
+        assert result.exit_code == 0 and "Usage:" in result.stdout, name
 
 
 def test_every_base_invocation_runs(places, tmp_path, no_server, quick) -> None:
