@@ -566,3 +566,14 @@ def test_non_finite_numbers_are_refused_so_no_response_or_later_get_breaks(live,
         answer = requests.post(f"{base}/{route}", data=data, headers={"content-type": "application/json"}, timeout=60)
         assert answer.status_code == 422 and "allowed: finite numbers" in answer.json()["detail"], answer.text
     assert requests.get(f"{base}/options", timeout=10).json() == before
+
+
+def test_a_job_that_fails_on_what_it_asked_is_a_422_not_a_500(live) -> None:
+    """Caught at run time, not at validation: a LoRA the server does not have. The job fails with kind "request"."""
+    import requests
+
+    api = live[0]
+    answer = requests.post(f"{api.baseurl}/txt2img", json={"prompt": "a cat <lora:not-here:1>", "steps": 2,
+                                                           "width": 64, "height": 64})
+    assert answer.status_code == 422, answer.text
+    assert "not-here" in answer.json()["detail"]

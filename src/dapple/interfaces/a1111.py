@@ -566,7 +566,8 @@ def create_router(service: JobService, model_name: str, model_path: Path | None)
             unsubscribe()
         box = {"context": last_steps.get(job.id)}
         if job.status == "failed":
-            raise A1111Error(400 if "image" in (job.error or "") else 500, job.error or "generation failed")
+            # what the request asked cannot be done (an unreadable image, an unknown LoRA ...): the client's 4xx
+            raise A1111Error(422 if job.error_kind == "request" else 500, job.error or "generation failed")
         if job.status == "cancelled" and not job.image_ids:
             # A1111 answers an interrupted run with what it has drawn: the last step's prediction, decoded.
             extra: dict[str, Any] = {"interrupted": True}

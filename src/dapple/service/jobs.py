@@ -60,7 +60,7 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY, seq INTEGER NOT NULL, status TEXT NOT NULL, request TEXT NOT NULL,
     created REAL NOT NULL, started REAL, ended REAL, error TEXT, step INTEGER DEFAULT 0, steps INTEGER DEFAULT 0,
-    attempts INTEGER NOT NULL DEFAULT 0
+    attempts INTEGER NOT NULL DEFAULT 0, error_kind TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq);
 CREATE TABLE IF NOT EXISTS images (
@@ -103,9 +103,12 @@ class Job:
     position: int | None = None  # place in the queue (0 = next), for queued jobs
     image_ids: tuple[str, ...] = ()
     attempts: int = 0  # times a worker claimed it (a shutdown's interruption gives its attempt back)
+    # A failed job's cause: "request" (what it asked cannot be done: an unreadable image, an unknown LoRA, a size
+    # over the limits; answered 4xx by the A1111 routes) or "server" (disk full, out of memory, a crash)
+    error_kind: str | None = None
 
 
-_COLUMNS = "id, status, request, created, started, ended, error, step, steps, seq, attempts"
+_COLUMNS = "id, status, request, created, started, ended, error, step, steps, seq, attempts, error_kind"
 
 
 def _validate(fields: dict[str, Any]) -> None:
@@ -147,6 +150,8 @@ def _open_database(path: Path, busy_timeout: float) -> sqlite3.Connection:
         columns = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
         if "attempts" not in columns:  # a database from before attempts were counted
             db.execute("ALTER TABLE jobs ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0")
+        if "error_kind" not in columns:  # ... or before failures said whose they were
+            db.execute("ALTER TABLE jobs ADD COLUMN error_kind TEXT")
     except sqlite3.DatabaseError as error:
         db.close()
         hint = ("another process holds it locked; stop that process or wait" if "locked" in str(error) else
@@ -222,9 +227,10 @@ class JobService:
             return False
         reason = (f"the worker died twice while running this job (the process was killed, crashed or had to be "
                   f"stopped during each of its {attempts} attempts); it is not retried")
-        self._db.execute("UPDATE jobs SET status='failed', ended=?, error=? WHERE id=?", (time.time(), reason, job_id))
+        self._db.execute("UPDATE jobs SET status='failed', ended=?, error=?, error_kind='request' WHERE id=?",
+                         (time.time(), reason, job_id))  # the request itself brings the worker down
         log.error("job %s: %s", job_id, reason)
-        self._emit(job_id, {"event": "failed", "error": reason})
+        self._emit(job_id, {"event": "failed", "error": reason, "error_kind": "request"})
         return True
 
     def _remove_leftovers(self) -> None:
@@ -393,7 +399,7 @@ class JobService:
             return db.execute("SELECT COUNT(*) FROM jobs WHERE status=?", (status,)).fetchone()[0]
 
     def _job(self, db: sqlite3.Connection, row: tuple) -> Job:
-        job = Job(row[0], row[1], json.loads(row[2]), *row[3:9], attempts=row[10])
+        job = Job(row[0], row[1], json.loads(row[2]), *row[3:9], attempts=row[10], error_kind=row[11])
         if job.status == "queued":
             job.position = db.execute("SELECT COUNT(*) FROM jobs WHERE status='queued' AND seq < ?",
                                       (row[9],)).fetchone()[0]
@@ -582,10 +588,11 @@ class JobService:
         except BaseException as error:  # noqa: BLE001 - native panics and SystemExit too: fail the job
             self._remove(written)
             message = self._reason(error)
+            kind = "request" if isinstance(error, DappleError) and not _disk_full(error) else "server"
             log.warning("job %s failed: %s", job_id, message)
-            self._end(job_id, "UPDATE jobs SET status='failed', ended=?, error=? WHERE id=? AND status='running'",
-                      (time.time(), message, job_id))
-            self._emit(job_id, {"event": "failed", "error": message})
+            self._end(job_id, "UPDATE jobs SET status='failed', ended=?, error=?, error_kind=? WHERE id=? AND "
+                      "status='running'", (time.time(), message, kind, job_id))
+            self._emit(job_id, {"event": "failed", "error": message, "error_kind": kind})
 
     def _reason(self, error: BaseException) -> str:
         if _disk_full(error):
