@@ -324,3 +324,11 @@ def test_prompt_length_is_limited_in_characters_and_tokens(http, pipe) -> None:
         pipe.generate("red", negative_prompt="blue " * 1600, steps=1)
     assert pipe.generate("red " * 1400, steps=1, seed=1).images  # long prompts within the limit still work
     _job_finishes(http)
+
+
+def test_the_allowed_hosts_follow_the_bind_address() -> None:
+    assert set(default_allowed_hosts("127.0.0.1")) == {"127.0.0.1", "localhost", "::1"}
+    assert "studio.lan" in default_allowed_hosts("localhost", ["Studio.LAN"])
+    assert default_allowed_hosts("192.168.1.5") == ["192.168.1.5"]
+    assert default_allowed_hosts("0.0.0.0") is None  # every interface, no names given: any Host (and a warning)
+    assert default_allowed_hosts("0.0.0.0", ["gpu-box.lan"]) == ["gpu-box.lan"]

@@ -748,6 +748,9 @@ def serve(
     queue_size: int = typer.Option(64, min=1, max=100_000, help="queued jobs beyond this get 429 (1..100000)"),
     api_auth: Optional[str] = typer.Option(None, help="user:password for HTTP Basic auth on every route"),
     cors_origin: Optional[list[str]] = typer.Option(None, help="an origin allowed to call from a browser; repeat"),
+    allowed_host: Optional[list[str]] = typer.Option(None, help="a Host name the server answers besides its own "
+                                                     "(loopback names on loopback, the bound address elsewhere); "
+                                                     "repeat. Others get 421 (DNS rebinding)"),
     device: Optional[str] = GenerationOptions.device,
     dtype: Optional[str] = GenerationOptions.dtype,
     threads: Optional[int] = GenerationOptions.threads,
@@ -758,6 +761,7 @@ def serve(
     import uvicorn
 
     import dapple
+    from dapple.interfaces.guard import default_allowed_hosts
     from dapple.interfaces.server import create_app
     from dapple.models.library import ModelFolders
     from dapple.service.jobs import JobService
@@ -778,6 +782,9 @@ def serve(
     check_output_folder(data_dir, "--data-dir")
     if host not in ("127.0.0.1", "localhost", "::1") and credentials is None:
         typer.echo(f"warning: serving on {host} without --api-auth; anyone who can reach it can use it", err=True)
+    if default_allowed_hosts(host, allowed_host or ()) is None:
+        typer.echo(f"warning: serving on {host} with no --allowed-host: any Host header is answered; name the "
+                   "machine's with --allowed-host to refuse DNS rebinding", err=True)
     _quiet_libraries()
     with user_errors():
         model, _, lora_dirs, embedding_dirs = _resolve_names(model, None, models_dir)
@@ -798,7 +805,8 @@ def serve(
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
         app = create_app(service, model_name=pipe.components.name,
                          model_path=Path(pipe.components.source) if pipe.components.source else None,
-                         auth=credentials, cors_origins=cors_origin)
+                         auth=credentials, cors_origins=cors_origin,
+                         allowed_hosts=default_allowed_hosts(host, allowed_host or ()))
         server = _ReadyServer(uvicorn.Config(app, host=host, port=port, log_level="warning",
                                             timeout_graceful_shutdown=3),
                               announce=_serve_announcement(host, port, credentials))
