@@ -103,7 +103,10 @@ def create_app(service: JobService, *, max_body: int = DEFAULT_MAX_BODY, model_n
     answered (None: any; `dapple serve` passes guard.default_allowed_hosts). Every request passes guard.py first."""
     app = FastAPI(title="Dapple", version="1", docs_url="/docs",
                   responses={422: {"model": ErrorBody, "description": "invalid request: what was wrong and what "
-                                                                     "is allowed"}})
+                                                                     "is allowed"},
+                             "4XX": {"model": ErrorBody, "description": "refused: unknown name (404), gone (410), "
+                                     "body too large (413), not JSON (415), foreign Host (421), busy (429), "
+                                     "not authenticated (401) or cross-site (403)"}})
     service.models.default_name = model_name  # what jobs, A1111 options and /models call the default model
     app.include_router(a1111.create_router(service, model_name, model_path))
     # Outermost first on the way in: Host check, CORS (preflights answered before auth), then the guard.
