@@ -12,6 +12,7 @@ from dapple.errors import ModelLoadError
 from dapple.models.components import Components
 from dapple.models.devices import choose_threads, to_owned_channels_last
 from dapple.models.loader import load_components
+from dapple.models.quiet import quiet_libraries
 
 from dapple.models.single_file import CHECKPOINT_SUFFIXES, load_single_file, load_vae
 from dapple.request import Limits
@@ -53,13 +54,14 @@ def load(
                 "shipped yet"
             )
         path = BUILTIN_MODEL_DIR
-    if Path(path).expanduser().is_file() and Path(path).suffix.lower() in CHECKPOINT_SUFFIXES:
-        components = load_single_file(path, device=device, dtype=dtype, allow_pickle=allow_pickle,
-                                      prediction_type=prediction_type)
-    else:
-        components = load_components(path, device=device, dtype=dtype, allow_pickle=allow_pickle)
-    if vae is not None:
-        swap_vae(components, vae, allow_pickle=allow_pickle)
+    with quiet_libraries():
+        if Path(path).expanduser().is_file() and Path(path).suffix.lower() in CHECKPOINT_SUFFIXES:
+            components = load_single_file(path, device=device, dtype=dtype, allow_pickle=allow_pickle,
+                                          prediction_type=prediction_type)
+        else:
+            components = load_components(path, device=device, dtype=dtype, allow_pickle=allow_pickle)
+        if vae is not None:
+            swap_vae(components, vae, allow_pickle=allow_pickle)
     torch.set_num_threads(choose_threads(threads, components.unet.num_parameters()))
     return Pipeline(components, limits=limits, lora_dirs=lora_dirs, embedding_dirs=embedding_dirs,
                     allow_pickle=allow_pickle)

@@ -155,23 +155,16 @@ def check_device(device: Optional[str]) -> None:
         return
     import torch
 
+    from dapple.models.devices import check_available
+
     try:
         parsed = torch.device(device)
     except (RuntimeError, ValueError, TypeError):
         fail(f"--device {device!r} is unknown; allowed: cpu, cuda, cuda:N, mps")
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            build = "a CPU-only torch build" if torch.version.cuda is None else "no CUDA GPU visible"
-            fail(f"--device {device}: CUDA is not available here ({build}, torch {torch.__version__}); "
-                 "use --device cpu, or leave --device out to pick the best available")
-        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            fail(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s); "
-                 f"allowed: cuda:0..cuda:{torch.cuda.device_count() - 1}")
-    elif parsed.type == "mps":
-        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-            fail(f"--device {device}: Apple's MPS is not available here; use --device cpu")
-    elif parsed.type != "cpu":
-        fail(f"--device {device!r} is not supported; allowed: cpu, cuda, cuda:N, mps")
+    try:
+        check_available(parsed, "--device")
+    except DappleError as error:
+        fail(str(error))
 
 
 def check_image_file(path: Path, label: str) -> None:

@@ -17,13 +17,32 @@ _DTYPES = {
 }
 
 
+def check_available(device: torch.device, name: str = "device") -> torch.device:
+    """Refuse a device this machine does not have, before anything loads (torch would fail deep inside .to())."""
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only torch build" if torch.version.cuda is None else "no CUDA GPU visible"
+            raise ModelLoadError(f"{name} {device}: CUDA is not available here ({build}, torch {torch.__version__}); "
+                                 "use cpu, or leave the device unset to pick the best available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ModelLoadError(f"{name} {device}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                                 f"allowed: cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    elif device.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ModelLoadError(f"{name} {device}: Apple's MPS is not available here; use cpu")
+    elif device.type != "cpu":
+        raise ModelLoadError(f"{name} {str(device)!r} is not supported; allowed: cpu, cuda, cuda:N, mps")
+    return device
+
+
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """None picks CUDA, then Apple's MPS, then the CPU."""
+    """None picks CUDA, then Apple's MPS, then the CPU; a named device must exist on this machine."""
     if device is not None:
         try:
-            return torch.device(device)
-        except RuntimeError as error:
+            parsed = torch.device(device)
+        except (RuntimeError, ValueError, TypeError) as error:
             raise ModelLoadError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from error
+        return check_available(parsed)
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():

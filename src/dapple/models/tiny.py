@@ -7,12 +7,16 @@ machinery run in milliseconds. The images they make are noise: the weights are r
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from dapple.models.tokenizer import bundled_clip_tokenizer
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
 
 # SD 1.5's noise schedule (its scheduler/scheduler_config.json).
 SD15_SCHEDULER_CONFIG = {
@@ -68,6 +72,8 @@ def build_tiny_pipeline(seed: int = 0, unet_in_channels: int = 4) -> StableDiffu
             pad_token_id=tokenizer.pad_token_id,
         )
     )
+    from diffusers import StableDiffusionPipeline  # imported here: it pulls transformers' image processors
+
     return StableDiffusionPipeline(
         vae=vae.eval(),
         text_encoder=text_encoder.eval(),
@@ -117,6 +123,8 @@ def build_tiny_family_pipeline(family: str, seed: int = 0, prediction_type: str 
         num_hidden_layers=2, max_position_embeddings=77, hidden_act="gelu" if sd2 else "quick_gelu",
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     ))
+    from diffusers import StableDiffusionPipeline  # imported here: it pulls transformers' image processors
+
     return StableDiffusionPipeline(
         vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(),
         scheduler=PNDMScheduler(**{**SD15_SCHEDULER_CONFIG, "prediction_type": prediction_type}),

@@ -1,5 +1,6 @@
-"""CPU thread count: one thread for small models (contention on a busy machine costs them up to 9x), the
-cores this process may use for the rest, and the user's --threads / threads= wins."""
+"""Devices and CPU threads: a device the machine lacks is refused before loading; one thread for small models
+(contention on a busy machine costs them up to 9x), the cores this process may use for the rest, and the user's
+--threads / threads= wins."""
 
 from __future__ import annotations
 
@@ -48,3 +49,16 @@ def test_load_sets_torch_threads(tiny_model_dir) -> None:
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_device_the_machine_lacks_is_refused_before_loading(monkeypatch, tiny_model_dir) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ModelLoadError, match="cuda: CUDA is not available here"):
+        dapple.load(tiny_model_dir, device="cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ModelLoadError, match=r"has 1 CUDA device\(s\); allowed: cuda:0..cuda:0"):
+        devices.resolve_device("cuda:3")
+    with pytest.raises(ModelLoadError, match="unknown device 'gpu'"):
+        devices.resolve_device("gpu")
+    assert devices.resolve_device("cpu") == torch.device("cpu")
