@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import socket
 import struct
 import threading
@@ -129,7 +130,7 @@ def _send_chunked(port: int, path: str, total: int, chunk: int = 2**20) -> bytes
     connection = socket.create_connection(("127.0.0.1", port))
     answer = bytearray()
 
-    def read() -> None:
+    def read() -> None:  # until the connection closes or the whole answer (headers + Content-Length) is in
         while True:
             try:
                 data = connection.recv(65536)
@@ -138,6 +139,10 @@ def _send_chunked(port: int, path: str, total: int, chunk: int = 2**20) -> bytes
             if not data:
                 return
             answer.extend(data)
+            head, separator, body = bytes(answer).partition(b"\r\n\r\n")
+            length = re.search(rb"(?i)content-length: *(\d+)", head)
+            if separator and length and len(body) >= int(length.group(1)):
+                return
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
@@ -162,7 +167,7 @@ def test_a_chunked_40mb_body_is_refused_while_it_arrives(live, http, path: str) 
     before_jobs, before_rss = _job_count(http), _rss_mb()
     answer = _send_chunked(live.port, path, 40 * 2**20)
     assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
-    assert b"at most 33554432" in answer
+    assert b"at most 33554432" in answer and b"connection: close" in answer.lower()
     assert _rss_mb() - before_rss < 200
     assert _job_count(http) == before_jobs
     _job_finishes(http)

@@ -211,9 +211,9 @@ class Guard:
                 return
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.max_body:
+            if size > self.max_body:  # the rest is never read: close the connection rather than reuse it
                 await _answer(send, scope, 413, f"request body over {self.max_body} bytes; allowed: at most "
-                                                f"{self.max_body}")
+                                                f"{self.max_body}", {"Connection": "close"})
                 return
             chunks.append(chunk)
             more = message.get("more_body", False)
