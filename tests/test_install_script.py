@@ -15,6 +15,13 @@ def _plan(*args: str, path: str) -> subprocess.CompletedProcess:
                           capture_output=True, env={**os.environ, "PATH": path}, timeout=30)
 
 
+def _path_without_nvidia_smi(folder: Path) -> str:
+    """PATH with this machine's nvidia-smi (a GPU machine has one) shadowed by a copy that finds no GPU."""
+    shadow = folder / "no-gpu"
+    shadow.mkdir(exist_ok=True)
+    return _fake_nvidia_smi(shadow, works=False)
+
+
 def _fake_nvidia_smi(folder: Path, works: bool) -> str:
     tool = folder / "nvidia-smi"
     tool.write_text(f"#!/bin/sh\nexit {0 if works else 9}\n")
@@ -23,7 +30,7 @@ def _fake_nvidia_smi(folder: Path, works: bool) -> str:
 
 
 def test_without_a_gpu_it_installs_the_cpu_build(tmp_path) -> None:
-    for path in (os.environ["PATH"], _fake_nvidia_smi(tmp_path, works=False)):  # no tool; a tool but no GPU
+    for path in (_path_without_nvidia_smi(tmp_path), _fake_nvidia_smi(tmp_path, works=False)):  # none; no GPU
         result = _plan(path=path)
         assert result.returncode == 0, result.stderr
         assert "cpu build" in result.stderr

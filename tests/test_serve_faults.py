@@ -122,6 +122,9 @@ def test_sigterm_mid_job_exits_in_bounded_time_and_requeues_it(tiny_model_dir, t
     stream.__exit__(None, None, None)
     caller.join(10)
     assert code == 0 and took < 15, (code, took)
+    # the waiting A1111 call is answered before connections close: 503, never a 200 with no image or uvicorn's 500
+    assert "answer" in sync, sync
+    assert sync["answer"].status_code == 503 and "shutting down" in sync["answer"].text, sync["answer"].text
     jobs = statuses(data)
     assert jobs[done] == ("finished", 1)
     assert jobs[slow] == ("queued", 0) and jobs[queued] == ("queued", 0)  # interrupted: requeued, attempt given back

@@ -187,6 +187,17 @@ def test_a_lone_surrogate_is_refused_and_the_job_list_still_reads(http) -> None:
     _job_finishes(http)
 
 
+def test_a_utf16_body_cannot_carry_what_utf8_may_not(http) -> None:
+    """UTF-16 JSON is ASCII with NULs between: without a check it would pass the surrogate and depth scans."""
+    before = _job_count(http)
+    for text in ('{"prompt": "a \\ud800 circle", "steps": 2}', "[" * 1000 + "]" * 1000, '{"prompt": "x"}'):
+        for path in ("/api/v1/jobs", "/sdapi/v1/txt2img"):
+            answer = http.post(path, content=text.encode("utf-16"), headers={"content-type": "application/json"})
+            assert answer.status_code == 422 and "NUL bytes" in answer.text, (path, answer.text[:200])
+    assert _job_count(http) == before and http.get("/api/v1/jobs").status_code == 200
+    _job_finishes(http)
+
+
 def test_deeply_nested_json_is_refused_everywhere(http) -> None:
     options = http.get("/sdapi/v1/options").json()
     deep = "[" * 100_000 + "]" * 100_000
@@ -224,7 +235,8 @@ def test_png_info_reads_a_normal_picture(http) -> None:
 
 
 def test_a_gallery_file_swapped_for_a_symlink_or_gone_is_not_served(live, http, tmp_path) -> None:
-    _job_finishes(http)
+    for _ in range(3):
+        _job_finishes(http)
     newest = http.get("/api/v1/images", params={"limit": 3}).json()
     swapped, gone = newest[0]["id"], newest[1]["id"]
     path = live.service.image_path(swapped)
@@ -244,8 +256,10 @@ def test_a_gallery_file_swapped_for_a_symlink_or_gone_is_not_served(live, http, 
         answer = http.get(url)
         assert answer.status_code == 410 and "file is gone" in answer.json()["detail"]
     assert http.get(f"/api/v1/images/{newest[2]['id']}").status_code == 200
-    for offset in (2**62, 2**63, 10**30, -1):
-        assert http.get("/api/v1/images", params={"offset": offset}).status_code in (200, 422)
+    live.service.image_path(newest[2]["id"]).write_bytes(b"not a png any more")
+    assert http.get(f"/api/v1/images/{newest[2]['id']}/thumbnail").status_code == 410
+    for offset, status in ((2**62, 200), (2**63, 422), (10**30, 422), (-1, 422)):
+        assert http.get("/api/v1/images", params={"offset": offset}).status_code == status, offset
     assert http.get("/api/v1/images", params={"offset": 2**62}).json() == []
     _job_finishes(http)
 
@@ -333,6 +347,7 @@ def test_prompt_length_is_limited_in_characters_and_tokens(http, pipe) -> None:
 
 def test_the_allowed_hosts_follow_the_bind_address() -> None:
     assert set(default_allowed_hosts("127.0.0.1")) == {"127.0.0.1", "localhost", "::1"}
+    assert "127.0.0.2" in default_allowed_hosts("127.0.0.2")  # another loopback address answers its own name
     assert "studio.lan" in default_allowed_hosts("localhost", ["Studio.LAN"])
     assert default_allowed_hosts("192.168.1.5") == ["192.168.1.5"]
     assert default_allowed_hosts("0.0.0.0") is None  # every interface, no names given: any Host (and a warning)

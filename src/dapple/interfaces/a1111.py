@@ -31,7 +31,7 @@ from PIL import Image, PngImagePlugin
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from dapple._version import __version__
-from dapple.engine.images import check_encoded_image
+from dapple.engine.images import check_encoded_image, encoded_image_text
 from dapple.errors import DappleError, InvalidRequestError, UnknownSamplerError
 from dapple.infotext import PNG_KEY, parse_infotext
 from dapple.models.hashing import model_sha256
@@ -44,7 +44,7 @@ from dapple.samplers import (
     resolve_sampler,
     set_timesteps,
 )
-from dapple.service.jobs import JobService
+from dapple.service.jobs import GalleryFileError, JobService
 
 # A1111 fields Dapple accepts but does not act on; named in the response's info when a request sets them.
 IGNORED_WHEN_SET = ("styles", "restore_faces", "tiling", "script_name", "alwayson_scripts", "hr_sampler_name",
@@ -443,10 +443,6 @@ def translate(body: dict[str, Any], mode: str) -> tuple[dict[str, Any], list[str
     return fields, ignored
 
 
-def _png_base64(path: Path) -> str:
-    return base64.b64encode(path.read_bytes()).decode()
-
-
 def _encode_png(image: Image.Image, infotext: str) -> str:
     info = PngImagePlugin.PngInfo()
     info.add_text(PNG_KEY, infotext)
@@ -588,9 +584,15 @@ def create_router(service: JobService, model_name: str, model_path: Path | None)
             info = describe(fields, chosen, seeds, infotexts, size, ignored, job.id) | extra
             return {"images": images if body.get("send_images", True) else [], "parameters": body,
                     "info": json.dumps(info)}
+        if job.status in ("queued", "running"):  # the server is stopping: the job runs at the next start
+            raise A1111Error(503, f"the server is shutting down; job {job.id} stays queued and runs when it is "
+                                  "back")
         entries = {entry["id"]: entry for entry in service.images(0, 10_000) if entry["job_id"] == job.id}
-        ordered = [entries[image_id] for image_id in job.image_ids]
-        images = [_png_base64(service.image_path(image_id)) for image_id in job.image_ids]
+        ordered = [entries[image_id] for image_id in job.image_ids if image_id in entries]
+        try:  # the same checks as the gallery's own route
+            images = [base64.b64encode(service.image_bytes(entry["id"])).decode() for entry in ordered]
+        except GalleryFileError as error:
+            raise A1111Error(error.status, str(error)) from None
         first = ordered[0] if ordered else {"width": fields.get("width"), "height": fields.get("height")}
         info = describe(fields, chosen, [entry["seed"] for entry in ordered], [entry["infotext"] for entry in ordered],
                         first, ignored, job.id)
@@ -727,12 +729,10 @@ def create_router(service: JobService, model_name: str, model_path: Path | None)
     @router.post("/png-info")
     def png_info(body: PngInfoRequest) -> dict[str, Any]:
         data = _image_field(body.image, "image")
-        try:
-            payload = base64.b64decode(data.split(",", 1)[1] if data.startswith("data:") else data)
-            with Image.open(io.BytesIO(payload)) as picture:
-                text = picture.info.get(PNG_KEY)
-        except (ValueError, OSError, Image.DecompressionBombError) as error:
-            raise A1111Error(400, f"image could not be read: {error}") from None
+        try:  # the one checked decoder: base64, pixel count from the header, bounded text chunks
+            text = encoded_image_text(data, what="image").get(PNG_KEY)
+        except InvalidRequestError as error:
+            raise A1111Error(400, str(error)) from None
         if text is None:
             return {"info": "", "items": {}, "parameters": {}}
         return {"info": text, "items": {"parameters": text}, "parameters": parse_infotext(text)}

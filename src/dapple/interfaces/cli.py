@@ -754,7 +754,7 @@ def serve(
     import uvicorn
 
     import dapple
-    from dapple.interfaces.guard import default_allowed_hosts
+    from dapple.interfaces.guard import default_allowed_hosts, loopback_host
     from dapple.interfaces.server import create_app
     from dapple.models.library import ModelFolders
     from dapple.service.jobs import JobService
@@ -773,7 +773,7 @@ def serve(
     check_device(device)
     check_dtype(dtype)
     check_output_folder(data_dir, "--data-dir")
-    if host not in ("127.0.0.1", "localhost", "::1") and credentials is None:
+    if not loopback_host(host) and credentials is None:
         typer.echo(f"warning: serving on {host} without --api-auth; anyone who can reach it can use it", err=True)
     if default_allowed_hosts(host, allowed_host or ()) is None:
         typer.echo(f"warning: serving on {host} with no --allowed-host: any Host header is answered; name the "
@@ -802,7 +802,8 @@ def serve(
                          allowed_hosts=default_allowed_hosts(host, allowed_host or ()))
         server = _ReadyServer(uvicorn.Config(app, host=host, port=port, log_level="warning",
                                             timeout_graceful_shutdown=3),
-                              announce=_serve_announcement(host, port, credentials))
+                              announce=_serve_announcement(host, port, credentials),
+                              on_exit=service.release_waiters)
         server.run()
     finally:
         service.stop()
@@ -828,9 +829,14 @@ def _ready_server_class():
     class ReadyServer(uvicorn.Server):
         """uvicorn's server, printing the announcement once the socket listens (not before: a port in use fails)."""
 
-        def __init__(self, config, announce: list[str]) -> None:
+        def __init__(self, config, announce: list[str], on_exit=None) -> None:
             super().__init__(config)
-            self.announce = announce
+            self.announce, self.on_exit = announce, on_exit
+
+        def handle_exit(self, sig, frame) -> None:
+            if self.on_exit is not None:  # first: answer waiting requests before uvicorn cuts them off with a 500
+                self.on_exit()
+            super().handle_exit(sig, frame)
 
         async def startup(self, sockets=None) -> None:
             await super().startup(sockets=sockets)
@@ -841,8 +847,8 @@ def _ready_server_class():
     return ReadyServer
 
 
-def _ReadyServer(config, announce: list[str]):
-    return _ready_server_class()(config, announce)
+def _ReadyServer(config, announce: list[str], on_exit=None):
+    return _ready_server_class()(config, announce, on_exit)
 
 
 @app.command()

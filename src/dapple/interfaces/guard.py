@@ -48,7 +48,7 @@ def default_allowed_hosts(bind: str, extra: Iterable[str] = ()) -> list[str] | N
     elsewhere, plus `extra` (--allowed-host). None (any Host) for a wildcard bind with no --allowed-host."""
     extra = [name.lower() for name in extra]
     if loopback_host(bind):
-        return [*LOOPBACK_HOSTS, *extra]
+        return list(dict.fromkeys([*LOOPBACK_HOSTS, bind.lower(), *extra]))  # 127.0.0.2 answers its own name
     if bind in ("0.0.0.0", "::", ""):
         return extra or None
     return [bind.lower(), *extra]
@@ -103,6 +103,8 @@ def _has_lone_surrogate(value: Any) -> bool:
 
 def json_text_problem(body: bytes) -> str | None:
     """Why a JSON body's text is unacceptable (invalid UTF-8, lone surrogates), or None."""
+    if b"\x00" in body:  # JSON text never holds a raw NUL; UTF-16/32 JSON does, and would slip past the checks
+        return "the request body holds NUL bytes; allowed: JSON text in UTF-8"
     try:
         body.decode("utf-8")
     except UnicodeDecodeError as error:
@@ -224,11 +226,10 @@ class Guard:
                                             "application/json")
             return
         if body:
-            if json_too_deep(body, self.max_json_depth):
-                await _answer(send, scope, 422, f"the request body nests deeper than {self.max_json_depth} levels; "
-                                                f"allowed: at most {self.max_json_depth}")
-                return
-            problem = json_text_problem(body)
+            problem = json_text_problem(body)  # first: the depth scanner reads UTF-8 bytes
+            if problem is None and json_too_deep(body, self.max_json_depth):
+                problem = (f"the request body nests deeper than {self.max_json_depth} levels; allowed: at most "
+                           f"{self.max_json_depth}")
             if problem:
                 await _answer(send, scope, 422, problem)
                 return

@@ -16,9 +16,7 @@ import asyncio
 import base64
 import io
 import json
-import os
 import queue
-import stat
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -38,7 +36,7 @@ from dapple.interfaces.guard import DEFAULT_MAX_BODY, DEFAULT_MAX_JSON_DEPTH, Gu
 from dapple.models.generation_defaults import RECOMMENDABLE, read_generation_defaults
 from dapple.request import GenerationRequest, describe_errors
 from dapple.samplers import sampler_names
-from dapple.service.jobs import STATUSES, Job, JobNotFoundError, JobService, QueueFullError
+from dapple.service.jobs import STATUSES, GalleryFileError, Job, JobNotFoundError, JobService, QueueFullError
 from dapple.service.models import UnknownModelError
 
 STUDIO_DIR = Path(__file__).with_name("studio")
@@ -55,14 +53,6 @@ def check_network_images(fields: dict[str, Any]) -> None:
     for name in IMAGE_FIELDS:
         if fields.get(name) is not None:
             check_encoded_image(fields[name], what=name)
-
-
-class GalleryFileError(Exception):
-    """A gallery entry whose file cannot be served: gone (410) or not a regular file in the folder (403)."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 class ErrorBody(BaseModel):
@@ -110,8 +100,9 @@ def create_app(service: JobService, *, max_body: int = DEFAULT_MAX_BODY, model_n
     service.models.default_name = model_name  # what jobs, A1111 options and /models call the default model
     app.include_router(a1111.create_router(service, model_name, model_path))
     # Outermost first on the way in: Host check, CORS (preflights answered before auth), then the guard.
+    cors_origins = [origin.rstrip("/").lower() for origin in cors_origins or ()]  # as browsers send Origin
     app.add_middleware(Guard, max_body=max_body, max_json_depth=max_json_depth, auth=auth,
-                       allowed_origins=cors_origins or ())
+                       allowed_origins=cors_origins)
     if cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["*"], allow_headers=["*"],
                            allow_credentials=auth is not None)
@@ -282,23 +273,6 @@ def create_app(service: JobService, *, max_body: int = DEFAULT_MAX_BODY, model_n
 
         return StreamingResponse(stream(), media_type="text/event-stream")
 
-    def gallery_bytes(image_id: str) -> bytes:
-        """A gallery image's file, only if it is a regular file inside the images folder once resolved: a file
-        swapped for a symlink (to anything, inside or out) is refused, a missing one is 410 Gone."""
-        path = service.image_path(image_id)
-        folder = service.images_dir.resolve()
-        try:
-            descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-        except FileNotFoundError:
-            raise GalleryFileError(410, f"image {image_id!r} is in the gallery but its file is gone") from None
-        except OSError:  # ELOOP: a symlink where the file should be
-            raise GalleryFileError(403, f"image {image_id!r}: its file is not a regular file; refused") from None
-        with os.fdopen(descriptor, "rb") as handle:
-            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode) or path.resolve().parent != folder:
-                raise GalleryFileError(403, f"image {image_id!r}: its file is not a regular file in the "
-                                            "gallery folder; refused")
-            return handle.read()
-
     @app.exception_handler(GalleryFileError)
     async def gallery_file_error(request: Request, error: GalleryFileError):
         return _error(error.status, str(error))
@@ -313,14 +287,17 @@ def create_app(service: JobService, *, max_body: int = DEFAULT_MAX_BODY, model_n
 
     @app.get("/api/v1/images/{image_id}")
     def image(image_id: str) -> Response:
-        return Response(gallery_bytes(image_id), media_type="image/png")
+        return Response(service.image_bytes(image_id), media_type="image/png")
 
     @app.get("/api/v1/images/{image_id}/thumbnail")
     def thumbnail(image_id: str, size: int = 128) -> Response:
-        with Image.open(io.BytesIO(gallery_bytes(image_id))) as picture:
-            picture.thumbnail((max(16, min(size, 512)),) * 2)
-            buffer = io.BytesIO()
-            picture.convert("RGB").save(buffer, format="PNG")
+        try:
+            with Image.open(io.BytesIO(service.image_bytes(image_id))) as picture:
+                picture.thumbnail((max(16, min(size, 512)),) * 2)
+                buffer = io.BytesIO()
+                picture.convert("RGB").save(buffer, format="PNG")
+        except (OSError, ValueError, Image.DecompressionBombError) as error:  # damaged on disk since it was written
+            raise GalleryFileError(410, f"image {image_id!r}: its file can no longer be read ({error})") from None
         return Response(buffer.getvalue(), media_type="image/png")
 
     @app.delete("/api/v1/images/{image_id}", status_code=204)

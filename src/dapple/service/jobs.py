@@ -32,6 +32,7 @@ import os
 import re
 import shutil
 import sqlite3
+import stat
 import threading
 import time
 import uuid
@@ -87,6 +88,14 @@ class StoreError(DappleError):
 
 class JobNotFoundError(DappleError):
     """No job or image has that id."""
+
+
+class GalleryFileError(Exception):
+    """A gallery entry whose file cannot be served: gone (410) or not a regular file in the folder (403)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass
@@ -195,6 +204,7 @@ class JobService:
         self._worker: threading.Thread | None = None
         self._stopping = False
         self._stopped = threading.Event()
+        self._released = threading.Event()  # release_waiters(): synchronous callers stop waiting
         self._interrupting: str | None = None  # the job stop() interrupted: requeued, its attempt given back
         self._abandoned: set[str] = set()  # jobs stop() requeued while their thread still ran
         self._running: str | None = None  # the job the worker holds
@@ -213,6 +223,10 @@ class JobService:
                 if not self._poisoned(job_id):  # requeued: its attempt stays counted
                     self._db.execute("UPDATE jobs SET status='queued', started=NULL, step=0 WHERE id=?", (job_id,))
             self._remove_leftovers()
+        if self._worker is not None and self._worker.is_alive():  # an abandoned worker still holds a job
+            raise StoreError("the previous worker has not stopped yet; wait for it before starting again")
+        self._interrupting, self._abandoned = None, set()
+        self._released.clear()
         self._stopping = False
         self._stopped.clear()
         self._beat = time.monotonic()
@@ -258,15 +272,15 @@ class JobService:
         if worker is not None and worker.is_alive():
             worker.join(drain)
             if worker.is_alive():
-                job_id = self._running
-                if job_id is not None:
+                job_id = self._running  # read once: the worker may clear it meanwhile
+                token = self._cancel_tokens.get(job_id) if job_id is not None else None
+                if job_id is not None and not (token is not None and token.cancelled):  # a user's cancel stands
                     self._interrupting = job_id
-                    token = self._cancel_tokens.get(job_id)
                     if token is not None:
                         token.cancel()
                 worker.join(timeout)
-            if worker.is_alive() and self._running is not None:
-                job_id = self._running
+            job_id = self._running
+            if worker.is_alive() and job_id is not None:
                 self._abandoned.add(job_id)
                 try:
                     with self._lock:
@@ -351,6 +365,11 @@ class JobService:
         self._emit(job_id, {"event": "queued", "position": job.position})
         return job
 
+    def release_waiters(self) -> None:
+        """Shutdown has begun: run_and_wait callers return now with their job as it stands (queued jobs stay
+        queued for the next start), so the HTTP layer can answer them before the server closes connections."""
+        self._released.set()
+
     def run_and_wait(self, fields: dict[str, Any], timeout: float | None = None) -> Job:
         """Submit a job and block until it ends (the A1111 API's synchronous endpoints), or until the service
         stops (the job is then still queued, for the next start)."""
@@ -366,7 +385,7 @@ class JobService:
             with self._lock:  # no event of this job can arrive before its id is known
                 box["id"] = self.submit(fields).id
             deadline = None if timeout is None else time.monotonic() + timeout
-            while not ended.wait(0.25) and not self._stopped.is_set():
+            while not ended.wait(0.25) and not self._stopped.is_set() and not self._released.is_set():
                 if deadline is not None and time.monotonic() > deadline:
                     break
             return self.get(box["id"])
@@ -435,6 +454,25 @@ class JobService:
         if row is None:
             raise JobNotFoundError(f"no image with id {image_id!r}")
         return self.images_dir / row[0]
+
+    def image_bytes(self, image_id: str) -> bytes:
+        """A gallery image's file, only if it is a regular file in the images folder: a file swapped for a
+        symlink (to anything, inside or out) is refused, a missing one is GalleryFileError 410. The file is
+        opened relative to the folder's own descriptor, so no path component is followed as a link."""
+        name = self.image_path(image_id).name
+        folder = os.open(self.images_dir, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            descriptor = os.open(name, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0), dir_fd=folder)
+        except FileNotFoundError:
+            raise GalleryFileError(410, f"image {image_id!r} is in the gallery but its file is gone") from None
+        except OSError:  # ELOOP: a symlink where the file should be
+            raise GalleryFileError(403, f"image {image_id!r}: its file is not a regular file; refused") from None
+        finally:
+            os.close(folder)
+        with os.fdopen(descriptor, "rb") as handle:
+            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                raise GalleryFileError(403, f"image {image_id!r}: its file is not a regular file; refused")
+            return handle.read()
 
     def delete_image(self, image_id: str) -> None:
         path = self.image_path(image_id)
