@@ -195,7 +195,7 @@ def _allowed(field_name: str) -> str:
         words.append("a non-empty string")
     if "MaxLen" in parts:
         words.append(f"text of at most {parts['MaxLen'].max_length} characters")
-    if not words and info.annotation in (str, "str", "str | None"):
+    if not words and info.annotation is str:
         words.append("valid Unicode text")
     return " ".join(words) or str(info.annotation)
 

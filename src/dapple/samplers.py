@@ -18,7 +18,7 @@ from typing import Any
 import diffusers
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from dapple.errors import InvalidRequestError, UnknownSamplerError
+from dapple.errors import InvalidRequestError, UnknownSamplerError, did_you_mean
 
 @dataclass(frozen=True)
 class ScheduleType:
@@ -201,16 +201,6 @@ def _why_not(spec: SamplerSpec, kind: ScheduleType) -> str:
     if kind.label == "Beta" and not _beta_available():
         return "diffusers' beta sigmas need scipy (pip install scipy)"
     return f"{spec.class_name} steps by timesteps, not by a sigma schedule"
-
-
-def did_you_mean(name: str, choices: Sequence[str]) -> str:
-    """"; did you mean 'Euler a'?" (to end a message) for the choice nearest to a misspelt name (difflib, ignoring
-    case), else ""."""
-    import difflib
-
-    by_fold = {choice.casefold(): choice for choice in choices}
-    close = difflib.get_close_matches(str(name).strip().casefold(), list(by_fold), n=1, cutoff=0.6)
-    return f"; did you mean {by_fold[close[0]]!r}?" if close else ""
 
 
 def resolve_sampler(name: str, schedule_type: str | None = None) -> SamplerChoice:

@@ -19,7 +19,7 @@ from typing import Iterator, Optional
 import typer
 from PIL import UnidentifiedImageError
 
-from dapple.errors import DappleError, DappleWarning
+from dapple.errors import DappleError, DappleWarning, closest, did_you_mean
 from dapple.infotext import parse_infotext
 from dapple.request import GenerationRequest, make_request
 from dapple.settings import Settings
@@ -444,18 +444,12 @@ class _ProgressPipe:
 
 
 def _closest(name: str, choices) -> Optional[str]:
-    """The choice nearest to name (difflib's ratio >= 0.5, ignoring case), or None."""
-    import difflib
-
-    by_fold = {str(choice).casefold(): str(choice) for choice in choices}
-    close = difflib.get_close_matches(name.casefold(), list(by_fold), n=1, cutoff=0.5)
-    return by_fold[close[0]] if close else None
+    """The CLI suggests a little more eagerly than the library (ratio >= 0.5): a typed path or flag value."""
+    return closest(name, choices, cutoff=0.5)
 
 
 def _did_you_mean(name: str, choices) -> str:
-    """"; did you mean 'Euler a'?" when a close choice exists, else ""."""
-    nearest = _closest(name, choices)
-    return f"; did you mean {nearest!r}?" if nearest else ""
+    return did_you_mean(name, choices, cutoff=0.5)
 
 
 @contextmanager
@@ -496,8 +490,6 @@ def _resolve_names(model: Optional[Path], vae: Optional[Path], models_dir: Optio
     folders are where <lora:name:w> looks, and its embeddings are used when a prompt names them."""
     if models_dir is None:
         return model, vae, [], []
-    from dapple.models.library import ModelFolders
-
     folders = _model_folders(models_dir)
 
     def find(kind: str, name: str) -> Path:
@@ -756,7 +748,6 @@ def serve(
     import dapple
     from dapple.interfaces.guard import default_allowed_hosts, loopback_host
     from dapple.interfaces.server import create_app
-    from dapple.models.library import ModelFolders
     from dapple.service.jobs import JobService
     from dapple.service.models import ModelPool
 
@@ -865,7 +856,7 @@ def models(
     _quiet_libraries()
     from dapple.api import BUILTIN_MODEL_DIR
     from dapple.models.hashing import short_hash
-    from dapple.models.library import KINDS, ModelFolders
+    from dapple.models.library import KINDS
 
     with user_errors():
         if kind is not None and kind not in KINDS:

@@ -10,12 +10,11 @@ anything is written.
 
 from __future__ import annotations
 
-import difflib
 from contextlib import ExitStack
 from pathlib import Path
 
 import torch
-from dapple.errors import DappleError
+from dapple.errors import DappleError, did_you_mean
 from dapple.models.safetensors_stream import StreamingReader, write_streaming
 
 MODES = ("weighted-sum", "add-difference")
@@ -46,9 +45,7 @@ def merge_checkpoints(a: Path, b: Path, out: Path, *, mode: str = "weighted-sum"
                       c: Path | None = None) -> Path:
     """Merge single-file checkpoints A and B (and C for add-difference) into `out`."""
     if mode not in MODES:
-        close = difflib.get_close_matches(mode, MODES, n=1)
-        raise DappleError(f"merge mode {mode!r} is unknown; allowed: {', '.join(MODES)}"
-                          + (f"; did you mean {close[0]!r}?" if close else ""))
+        raise DappleError(f"merge mode {mode!r} is unknown; allowed: {', '.join(MODES)}{did_you_mean(mode, MODES)}")
     if mode == "add-difference" and c is None:
         raise DappleError("add-difference needs a third model C: A + (B - C) * alpha")
     if mode == "weighted-sum" and c is not None:
