@@ -1,14 +1,17 @@
 """What every mode shares around the one denoise loop: the run's setup (seeds, prompt embeddings, a fresh
 scheduler, the per-image generators), img2img's strength schedule, the loop call, decoding and the result.
 
-A mode is then a few lines: make its initial latents, pick its timesteps, add its hooks or extra UNet inputs.
+A mode is then a few lines: make its initial latents, pick its timesteps, add its hooks or extensions. A run is a
+context manager: `with begin_run(...) as run:` holds the run's extension patches (attention processors, weight
+patches) for exactly the run, and undoes them however it ends.
 """
 
 from __future__ import annotations
 
 import random
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +21,9 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from PIL import Image
 
 from dapple._version import __version__
+from dapple.engine.channels import default_input_channels
 from dapple.engine.conditioning import Conditioning, encode_prompt, encode_prompt_xl, warn_unknown_words
+from dapple.engine.extensions import Extension, Extensions
 from dapple.engine.hooks import Previewer, StepHooks
 from dapple.engine.latents import approximate_rgb, decode, draw_noise, make_generators, to_pil
 from dapple.engine.loop import denoise
@@ -93,9 +98,25 @@ class Run:
     conditioning: Conditioning
     generators: list[torch.Generator]
     hooks: StepHooks
+    extensions: Extensions = field(default_factory=Extensions)
+    # The UNet's extra inputs (inpainting mask, depth map); a mode that has its own replaces the model's default.
+    input_channels: Extension | None = None
     timings: dict[str, float] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
     infotext_extra: dict[str, Any] = field(default_factory=dict)
+    _patches: ExitStack | None = None
+
+    def __enter__(self) -> "Run":
+        """Enter the extensions' run-wide patches (in order)."""
+        self._patches = ExitStack()
+        self._patches.enter_context(self.extensions.patched(self))
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        """Undo the patches in reverse order, on success, error and cancel alike."""
+        patches, self._patches = self._patches, None
+        if patches is not None:
+            patches.__exit__(*exc_info)
 
     @property
     def device(self) -> torch.device:
@@ -121,21 +142,21 @@ class Run:
         latents: torch.Tensor,
         timesteps: torch.Tensor | None = None,
         *,
-        extra_channels: torch.Tensor | None = None,
         hooks: StepHooks | None = None,
+        extensions: Iterable[Extension] = (),
         phase: str = "sampling",
     ) -> torch.Tensor:
-        """The one loop, with this run's conditioning, generators, previews and the caller's hooks after the
-        mode's own (so that a progress callback sees the blended latents)."""
+        """The one loop, with this run's conditioning, generators, previews, input channels and extensions (and
+        the pass's own `extensions`), and the caller's hooks after the mode's own (so that a progress callback sees
+        the blended latents). A hook or extension name used twice is an error, never a silent replacement."""
         clock = time.perf_counter()
-        merged = StepHooks(
-            before_step={**self.hooks.before_step, **(hooks.before_step if hooks else {})},
-            after_step={**(hooks.after_step if hooks else {}), **self.hooks.after_step},
-        )
+        merged = merge_hooks(self.hooks, hooks)
+        pass_extensions = [self.input_channels] if self.input_channels is not None else []
         latents = denoise(
             self.components.unet, scheduler, latents, self.conditioning, self.request.guidance_scale,
             timesteps=timesteps, generators=self.generators, hooks=merged,
-            previewer=make_previewer(self.components), extra_channels=extra_channels, phase=phase,
+            previewer=make_previewer(self.components), phase=phase,
+            extensions=self.extensions.merged([*pass_extensions, *extensions]),
             guidance_min_timestep=self.request.guidance_min_timestep,
         )
         key = "denoise" if phase == "sampling" else f"denoise_{phase}"
@@ -159,7 +180,7 @@ class Run:
             pixels=pixels,
             seeds=self.seeds,
             infotexts=build_infotexts(self.request, self.choice, self.seeds, self.width, self.height,
-                                      self.components.name, self.infotext_extra,
+                                      self.components.name, {**self.infotext_extra, **self.extensions.infotext()},
                                       model_hash=self.components.short_hash, vae=self._vae_name(),
                                       vae_hash=self.components.vae_short_hash, loras=self.components.lora_hashes,
                                       embeddings=used_embeddings(self.request, self.components)),
@@ -168,10 +189,25 @@ class Run:
         )
 
 
+def merge_hooks(caller: StepHooks, mode: StepHooks | None) -> StepHooks:
+    """The caller's before-step hooks run first (cancel before any work), the mode's after-step hooks first (a
+    progress callback sees the blended latents). A name in both is an error: no hook replaces another."""
+    if mode is None:
+        return caller
+    for point in ("before_step", "after_step"):
+        taken = set(getattr(caller, point)) & set(getattr(mode, point))
+        if taken:
+            raise ValueError(f"{point} hook name(s) {sorted(taken)} are the mode's own; give your hooks other names")
+    return StepHooks(before_step={**caller.before_step, **mode.before_step},
+                     after_step={**mode.after_step, **caller.after_step})
+
+
 def begin_run(
-    components: Components, request: GenerationRequest, hooks: StepHooks | None, width: int, height: int
+    components: Components, request: GenerationRequest, hooks: StepHooks | None, width: int, height: int,
+    extensions: Iterable[Extension] = (),
 ) -> Run:
-    """Resolve the sampler and seeds, encode the prompts, and make the generators."""
+    """Resolve the sampler and seeds, encode the prompts, and make the generators. Use the run as a context
+    manager (`with begin_run(...) as run:`) so that the extensions' patches hold for exactly the run."""
     choice = resolve_sampler(request.sampler)
     seeds = batch_seeds(request.seed, request.batch_size)
     prompt, _ = extract_extra_networks(request.prompt)  # <lora:...> tags were applied to the weights already
@@ -189,7 +225,7 @@ def begin_run(
             guidance_scale=request.guidance_scale, batch_size=len(seeds),
         )
     run = Run(components, request, choice, seeds, width, height, conditioning, make_generators(seeds),
-              hooks or StepHooks())
+              hooks or StepHooks(), Extensions(extensions), default_input_channels(components))
     run.timings["encode_prompt"] = time.perf_counter() - clock
     return run
 

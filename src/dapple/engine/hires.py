@@ -9,7 +9,6 @@ from PIL import Image
 
 from dapple.engine.generation import Run, tail_timesteps
 from dapple.engine.images import to_vae_tensor
-from dapple.engine.inpaint import unmasked_inpainting_channels
 from dapple.engine.latents import decode, draw_noise, encode, to_pil
 from dapple.request import LATENT_UPSCALERS
 
@@ -54,6 +53,4 @@ def hires_pass(run: Run, latents: torch.Tensor) -> torch.Tensor:
     timesteps = tail_timesteps(scheduler, total - steps)
     noise = draw_noise(run.generators, run.latent_shape(width, height), device=run.device, dtype=run.dtype)
     latents = scheduler.add_noise(latents, noise, timesteps[:1].repeat(len(latents)))
-    extra = unmasked_inpainting_channels(run.components, len(latents), width, height) \
-        if run.components.unet_kind == "inpainting" else None
-    return run.denoise(scheduler, latents, timesteps, extra_channels=extra, phase="hires")
+    return run.denoise(scheduler, latents, timesteps, phase="hires")

@@ -12,12 +12,15 @@ Outpainting extends the canvas (edge-stretch + noise), builds the mask for the n
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from dapple.engine.channels import InputChannels
+from dapple.engine.extensions import Extension
 from dapple.engine.generation import batch_seeds, begin_run, output_size, strength_timesteps
 from dapple.engine.hooks import StepContext, StepHooks
 from dapple.engine.images import (
@@ -31,18 +34,8 @@ from dapple.engine.images import (
     to_vae_tensor,
 )
 from dapple.engine.latents import draw_noise, encode, to_pil
-from dapple.errors import InvalidRequestError
 from dapple.models.components import Components
 from dapple.request import GenerationRequest, GenerationResult
-
-
-def unmasked_inpainting_channels(components: Components, batch: int, width: int, height: int) -> torch.Tensor:
-    """An inpainting UNet's extra inputs when everything is to be drawn: mask = 1, masked image = grey (A1111's
-    txt2img conditioning for inpainting models). Encoded with the posterior mean: no random draw."""
-    grey = torch.zeros((1, 3, height, width), device=components.device, dtype=components.vae.dtype)
-    latents = components.vae.encode(grey).latent_dist.mean * components.latent_scaling_factor
-    mask = torch.ones_like(latents[:, :1])
-    return torch.cat([mask, latents], dim=1).repeat(batch, 1, 1, 1).to(components.dtype)
 
 
 def mask_blend_hook(scheduler, timesteps: torch.Tensor, image_latents: torch.Tensor, noise: torch.Tensor,
@@ -71,7 +64,7 @@ def fit_mask(mask_source: Image.Image, init_size: tuple[int, int], size: tuple[i
 
 def inpaint(
     components: Components, request: GenerationRequest, hooks: StepHooks | None, init_image: Image.Image,
-    mask_source: Image.Image,
+    mask_source: Image.Image, extensions: Iterable[Extension] = (),
 ) -> GenerationResult:
     """Repaint the white area of the mask after request.prompt."""
     width, height = output_size(request, init_image)
@@ -79,61 +72,62 @@ def inpaint(
     with warnings.catch_warnings():
         warnings.simplefilter("always", MaskResizedWarning)  # each run says so, not only the first
         mask = fit_mask(mask_source, init_image.size, (width, height), request)
-    return inpaint_fitted(components, request, hooks, image, mask)
+    return inpaint_fitted(components, request, hooks, image, mask, extensions=extensions)
 
 
 def inpaint_fitted(
     components: Components, request: GenerationRequest, hooks: StepHooks | None, image: Image.Image,
-    mask: Image.Image, infotext: dict | None = None,
+    mask: Image.Image, infotext: dict | None = None, extensions: Iterable[Extension] = (),
 ) -> GenerationResult:
     """Inpaint an RGB image and an "L" mask that already have the output size."""
-    if components.unet_kind == "depth":
-        raise InvalidRequestError("depth models (5-channel UNet) cannot inpaint; use an inpainting or standard model")
     width, height = image.size
-    run = begin_run(components, request, hooks, width, height)
-    run.infotext_extra.update({"Denoising strength": request.strength, "Mask blur": request.mask_blur,
-                               "Masked content": request.inpainting_fill, **(infotext or {})})
-    batch = len(run.seeds)
-    scheduler = run.scheduler(request.steps)
-    timesteps = strength_timesteps(scheduler, request.steps, request.strength)
-    strength_max = request.strength >= 1.0
+    with begin_run(components, request, hooks, width, height, extensions) as run:
+        run.infotext_extra.update({"Denoising strength": request.strength, "Mask blur": request.mask_blur,
+                                   "Masked content": request.inpainting_fill, **(infotext or {})})
+        batch = len(run.seeds)
+        scheduler = run.scheduler(request.steps)
+        timesteps = strength_timesteps(scheduler, request.steps, request.strength)
+        strength_max = request.strength >= 1.0
+        # An inpainting UNet sees the mask as input channels; a standard one repaints by blending (see above).
+        channel_inputs = run.input_channels is not None
 
-    start_image = fill_masked_area(image, mask) if request.inpainting_fill == "fill" else image
-    mask_full = mask_tensor(mask)  # (1, 1, H, W) of 0/1
-    latent_mask = F.interpolate(mask_full, size=run.latent_shape()[1:]).to(run.device, run.dtype)
+        start_image = fill_masked_area(image, mask) if request.inpainting_fill == "fill" else image
+        mask_full = mask_tensor(mask)  # (1, 1, H, W) of 0/1
+        latent_mask = F.interpolate(mask_full, size=run.latent_shape()[1:]).to(run.device, run.dtype)
 
-    # Random draws in diffusers' order: image latents, initial noise, masked-image latents.
-    image_latents = None
-    if components.unet_kind == "standard" or not strength_max:
-        image_latents = encode(components.vae, to_vae_tensor([start_image]), run.generators,
-                               components.latent_scaling_factor).to(run.dtype)
-    noise = draw_noise(run.generators, run.latent_shape(), device=run.device, dtype=run.dtype)
-    if strength_max:
-        latents = noise * scheduler.init_noise_sigma
-    else:
-        start = image_latents
-        if request.inpainting_fill in ("latent noise", "latent nothing"):
-            replacement = torch.zeros_like(start) if request.inpainting_fill == "latent nothing" else \
-                draw_noise(run.generators, run.latent_shape(), device=run.device, dtype=run.dtype)
-            start = (1 - latent_mask) * start + latent_mask * replacement
-        latents = start if len(timesteps) == 0 else \
-            scheduler.add_noise(start, noise, timesteps[:1].repeat(batch))
+        # Random draws in diffusers' order: image latents, initial noise, masked-image latents.
+        image_latents = None
+        if not channel_inputs or not strength_max:
+            image_latents = encode(components.vae, to_vae_tensor([start_image]), run.generators,
+                                   components.latent_scaling_factor).to(run.dtype)
+        noise = draw_noise(run.generators, run.latent_shape(), device=run.device, dtype=run.dtype)
+        if strength_max:
+            latents = noise * scheduler.init_noise_sigma
+        else:
+            start = image_latents
+            if request.inpainting_fill in ("latent noise", "latent nothing"):
+                replacement = torch.zeros_like(start) if request.inpainting_fill == "latent nothing" else \
+                    draw_noise(run.generators, run.latent_shape(), device=run.device, dtype=run.dtype)
+                start = (1 - latent_mask) * start + latent_mask * replacement
+            latents = start if len(timesteps) == 0 else \
+                scheduler.add_noise(start, noise, timesteps[:1].repeat(batch))
 
-    mode_hooks, extra = StepHooks(), None
-    if components.unet_kind == "inpainting":
-        masked_image = to_vae_tensor([image]) * (mask_full < 0.5)
-        masked_latents = encode(components.vae, masked_image, run.generators, components.latent_scaling_factor)
-        extra = torch.cat([latent_mask.expand(batch, -1, -1, -1), masked_latents.to(run.dtype)], dim=1)
-    else:
-        mode_hooks.after_step["inpaint mask"] = mask_blend_hook(scheduler, timesteps, image_latents, noise,
-                                                                latent_mask)
-    latents = run.denoise(scheduler, latents, timesteps, extra_channels=extra, hooks=mode_hooks)
-    pixels = run.decode(latents)
-    images = to_pil(pixels)
-    if request.paste_back:
-        soft_mask = blur_mask(mask, request.mask_blur)
-        images = [Image.composite(generated, image, soft_mask) for generated in images]
-    return run.result(pixels, images)
+        mode_hooks = StepHooks()
+        if channel_inputs:
+            masked_image = to_vae_tensor([image]) * (mask_full < 0.5)
+            masked_latents = encode(components.vae, masked_image, run.generators, components.latent_scaling_factor)
+            run.input_channels = InputChannels(
+                torch.cat([latent_mask.expand(batch, -1, -1, -1), masked_latents.to(run.dtype)], dim=1))
+        else:
+            mode_hooks.after_step["inpaint mask"] = mask_blend_hook(scheduler, timesteps, image_latents, noise,
+                                                                    latent_mask)
+        latents = run.denoise(scheduler, latents, timesteps, hooks=mode_hooks)
+        pixels = run.decode(latents)
+        images = to_pil(pixels)
+        if request.paste_back:
+            soft_mask = blur_mask(mask, request.mask_blur)
+            images = [Image.composite(generated, image, soft_mask) for generated in images]
+        return run.result(pixels, images)
 
 
 def extend_canvas(image: Image.Image, left: int, right: int, top: int, bottom: int, *, overlap: int, seed: int
@@ -157,7 +151,8 @@ def extend_canvas(image: Image.Image, left: int, right: int, top: int, bottom: i
 
 
 def outpaint(
-    components: Components, request: GenerationRequest, hooks: StepHooks | None, init_image: Image.Image
+    components: Components, request: GenerationRequest, hooks: StepHooks | None, init_image: Image.Image,
+    extensions: Iterable[Extension] = (),
 ) -> GenerationResult:
     """Extend the image by the request's outpaint sides and draw the new area."""
     width, height = output_size(request, init_image)
@@ -168,4 +163,4 @@ def outpaint(
     canvas, mask = extend_canvas(image, *sides, overlap=2 * request.mask_blur, seed=request.seed)
     infotext = {"Outpaint": " ".join(f"{name}={value}" for name, value in zip(
         ("left", "right", "top", "bottom"), sides) if value)}
-    return inpaint_fitted(components, request, hooks, canvas, mask, infotext)
+    return inpaint_fitted(components, request, hooks, canvas, mask, infotext, extensions)

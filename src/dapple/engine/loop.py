@@ -7,8 +7,9 @@ eps = eps_uncond + w * (eps_cond - eps_uncond)), and let the diffusers scheduler
 A guidance interval (Kynkaanniemi et al., 2024, "Applying Guidance in a Limited Interval Improves Sample and
 Distribution Quality in Diffusion Models") guides only the steps at t >= guidance_min_timestep; the later ones
 run the UNet on the prompt alone, which also halves their cost.
-Modes differ only in the latents, timesteps and hooks they pass in, and in the extra input channels an inpainting
-(mask + masked-image latents) or depth (depth map) UNet takes beside the latents.
+Modes differ only in the latents, timesteps, hooks and extensions they pass in. The model call itself goes through
+the extension seam (engine/extensions.py): the loop builds one ModelInputs per step, extensions add to it (extra
+input channels, ControlNet residuals, attention kwargs) and may work on the guided prediction.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from diffusers import UNet2DConditionModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from dapple.engine.conditioning import Conditioning
+from dapple.engine.extensions import Extensions, ModelInputs
 from dapple.engine.hooks import Previewer, StepContext, StepHooks
 
 
@@ -51,16 +53,17 @@ def denoise(
     generators: Sequence[torch.Generator] | None = None,
     hooks: StepHooks | None = None,
     previewer: Previewer | None = None,
-    extra_channels: torch.Tensor | None = None,
+    extensions: Extensions | None = None,
     phase: str = "sampling",
     guidance_min_timestep: int = 0,
 ) -> torch.Tensor:
     """Run the sampler over `timesteps` (default: the scheduler's) and return the final latents.
 
-    extra_channels: (batch, C, h, w) appended to the scaled latents on every UNet call, as diffusers' inpaint and
-    depth2img pipelines do. phase names this pass for the hooks ("sampling", "hires"). Steps at timesteps below
-    guidance_min_timestep are not guided (0: all are)."""
+    extensions work on each step's model inputs (their run-wide patches are entered by the caller, once per run).
+    phase names this pass for the hooks ("sampling", "hires"). Steps at timesteps below guidance_min_timestep are
+    not guided (0: all are)."""
     hooks = hooks or StepHooks()
+    extensions = extensions or Extensions()
     timesteps = scheduler.timesteps if timesteps is None else timesteps
     step_kwargs = _step_kwargs(scheduler, generators)
     total = len(timesteps)
@@ -68,25 +71,26 @@ def denoise(
     for index, t in enumerate(timesteps):
         context = StepContext(index, total, t, latents, previewer=previewer, phase=phase)
         hooks.run_before(context)
+        extensions.before_step(context)
         latents = context.latents
 
         guided = conditioning.uses_guidance and float(t) >= guidance_min_timestep
         batch = conditioning if guided else prompt_only
-        model_input = torch.cat([latents] * 2) if guided else latents
-        model_input = scheduler.scale_model_input(model_input, t)
-        if extra_channels is not None:
-            extra = torch.cat([extra_channels] * 2) if guided else extra_channels
-            model_input = torch.cat([model_input, extra.to(model_input.dtype)], dim=1)
+        sample = torch.cat([latents] * 2) if guided else latents
         # added_cond_kwargs: SDXL's pooled text and size conditioning (None for SD 1.x/2.x)
-        noise_pred = unet(model_input, t, encoder_hidden_states=batch.unet_batch, return_dict=False,
-                          added_cond_kwargs=batch.added_cond_kwargs)[0]
+        inputs = ModelInputs(scheduler.scale_model_input(sample, t), t, batch.unet_batch, guided,
+                             added_cond_kwargs=batch.added_cond_kwargs)
+        extensions.before_model(context, inputs)
+        noise_pred = inputs.call(unet)
         if guided:
             noise_uncond, noise_cond = noise_pred.chunk(2)
             noise_pred = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
+        noise_pred = extensions.after_guidance(context, inputs, noise_pred)
 
         output = scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=True)
         context.latents = output.prev_sample
         context.denoised = _predicted_x0(output)
+        extensions.after_step(context)
         hooks.run_after(context)
         latents = context.latents
     return latents

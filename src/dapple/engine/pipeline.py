@@ -23,6 +23,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from PIL import Image
 
 from dapple.engine.conditioning import Conditioning, encode_prompt, encode_prompt_xl
+from dapple.engine.extensions import Extension, requested_extensions
 from dapple.engine.hooks import CancelToken, StepContext, StepHooks
 from dapple.engine.latents import decode, seeded_noise, to_pil
 from dapple.engine.modes import run_request
@@ -218,9 +219,13 @@ class Pipeline:
         callback: StepCallback | None = None,
         cancel: CancelToken | None = None,
         hooks: StepHooks | None = None,
+        extensions: Sequence[Extension] = (),
     ) -> GenerationResult:
         """Run a prepared request (the entry point the CLI and servers use). Fields the request leaves unset take
-        the model folder's recommended settings, where it has some (generation_defaults.json)."""
+        the model folder's recommended settings, where it has some (generation_defaults.json).
+
+        extensions: your own loop extensions (dapple.engine.extensions.Extension) for this run, after the
+        request's plugins (request.extensions, from installed entry points)."""
         recommended = unset_recommendations(request, self.components.generation_defaults)
         if recommended:
             logger.info("%s: the model's recommended settings for what the request left unset: %s",
@@ -241,9 +246,10 @@ class Pipeline:
             hooks.before_step.setdefault("cancel", cancel.hook)
         if callback is not None:
             hooks.after_step.setdefault("callback", callback)
+        run_extensions = [*requested_extensions(request.extensions, self.components), *extensions]
         try:
             with torch.inference_mode():
-                result = run_request(self.components, request, hooks, self.limits)
+                result = run_request(self.components, request, hooks, self.limits, run_extensions)
             result.recommended = recommended
             return result
         except GenerationCancelled as error:

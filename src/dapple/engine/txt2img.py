@@ -3,35 +3,27 @@ Image Synthesis with Latent Diffusion Models"), with hires fix as an optional se
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
+from dapple.engine.extensions import Extension
 from dapple.engine.generation import begin_run
 from dapple.engine.hires import hires_pass
 from dapple.engine.hooks import StepHooks
-from dapple.engine.inpaint import unmasked_inpainting_channels
 from dapple.engine.latents import draw_noise
-from dapple.errors import InvalidRequestError
 from dapple.models.components import Components
 from dapple.request import GenerationRequest, GenerationResult
 
 
-def txt2img(components: Components, request: GenerationRequest, hooks: StepHooks | None = None) -> GenerationResult:
+def txt2img(components: Components, request: GenerationRequest, hooks: StepHooks | None = None,
+            extensions: Iterable[Extension] = ()) -> GenerationResult:
     """Generate request.batch_size images from text (and upscale them with hires fix when hires_scale > 1)."""
-    if components.unet_kind == "depth":
-        raise InvalidRequestError("this is a depth model (5-channel UNet): give init_image and depth_map (depth2img)")
     width = request.width or components.native_size
     height = request.height or components.native_size
-    run = begin_run(components, request, hooks, width, height)
-
-    # Initial latents: seeded noise at the scheduler's starting noise level.
-    scheduler = run.scheduler(request.steps)
-    noise = draw_noise(run.generators, run.latent_shape(), device=run.device, dtype=run.dtype)
-    latents = noise * scheduler.init_noise_sigma
-
-    # An inpainting UNet draws a whole new image when everything is masked (as A1111 does for txt2img).
-    extra = unmasked_inpainting_channels(components, len(run.seeds), width, height) \
-        if components.unet_kind == "inpainting" else None
-    latents = run.denoise(scheduler, latents, extra_channels=extra)
-
-    if request.hires_scale > 1:
-        latents = hires_pass(run, latents)
-    return run.result(run.decode(latents))
-
+    with begin_run(components, request, hooks, width, height, extensions) as run:
+        # Initial latents: seeded noise at the scheduler's starting noise level.
+        scheduler = run.scheduler(request.steps)
+        noise = draw_noise(run.generators, run.latent_shape(), device=run.device, dtype=run.dtype)
+        latents = run.denoise(scheduler, noise * scheduler.init_noise_sigma)
+        if request.hires_scale > 1:
+            latents = hires_pass(run, latents)
+        return run.result(run.decode(latents))
