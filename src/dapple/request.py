@@ -43,6 +43,68 @@ def _choose(value: Any, allowed: tuple[str, ...], name: str) -> str:
     raise ValueError(f"{name} must be one of {', '.join(repr(a) for a in allowed)} (or its index)")
 
 
+# sd-webui-controlnet's control modes (ControlMode 0, 1, 2) and resize modes (ResizeMode 0, 1, 2).
+CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")
+CONTROL_RESIZE_MODES = ("Just Resize", "Crop and Resize", "Resize and Fill")
+MAX_CONTROL_UNITS = 8
+
+
+class ControlUnit(BaseModel):
+    """One ControlNet or T2I-Adapter unit: a control model, its image and how strongly and when it steers.
+
+    The fields follow sd-webui-controlnet's units (ControlNetUnit in its external_code.py), so that a unit reads
+    the same in Python, on the command line and over the A1111 API."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    model: str = Field(..., min_length=1, max_length=512, description="a ControlNet or T2I-Adapter by name (a "
+                       "folder or file in the control-model folders, or 'builtin-canny'); an A1111 ' [hash]' "
+                       "suffix is allowed")
+    image: Any = Field(None, description="the control image (a PIL image, array, path or bytes); None: the init "
+                       "image, in modes that have one")
+    module: str = Field("none", min_length=1, max_length=64, description="the preprocessor that turns image into "
+                        "the control map ('none': image already is the map); see `dapple control modules`")
+    weight: float = Field(1.0, ge=0.0, le=2.0, description="conditioning scale; 0 is the same as no unit")
+    guidance_start: float = Field(0.0, ge=0.0, le=1.0, description="the fraction of steps where control begins")
+    guidance_end: float = Field(1.0, ge=0.0, le=1.0, description="the fraction of steps where control ends "
+                                "(T2I-Adapter: its conditioning factor)")
+    control_mode: str = Field("Balanced", description="one of " + ", ".join(CONTROL_MODES) + " (or its index)")
+    resize_mode: str = Field("Crop and Resize", description="fitting the image to the output: "
+                             + ", ".join(CONTROL_RESIZE_MODES) + " (or its index)")
+    processor_res: int | None = Field(None, ge=64, le=2048, description="the preprocessor's resolution (short "
+                                      "side); None: pixel perfect, the output's short side")
+    pixel_perfect: bool = Field(False, description="A1111's pixel perfect: processor_res from the output size")
+    threshold_a: float | None = Field(None, ge=-1e6, le=1e6, description="the module's first parameter (canny: "
+                                      "low threshold); None: the module's default")
+    threshold_b: float | None = Field(None, ge=-1e6, le=1e6, description="the module's second parameter (canny: "
+                                      "high threshold); None: the module's default")
+
+    @field_validator("control_mode", mode="before")
+    @classmethod
+    def _control_mode(cls, value: Any) -> str:
+        return _choose(value, CONTROL_MODES, "control_mode")
+
+    @field_validator("resize_mode", mode="before")
+    @classmethod
+    def _resize_mode(cls, value: Any) -> str:
+        return _choose(value, CONTROL_RESIZE_MODES, "resize_mode")
+
+    @model_validator(mode="after")
+    def _window(self) -> "ControlUnit":
+        if self.guidance_start > self.guidance_end:
+            raise ValueError(f"guidance_start ({self.guidance_start:g}) is after guidance_end "
+                             f"({self.guidance_end:g}); allowed: 0 <= guidance_start <= guidance_end <= 1")
+        return self
+
+    @property
+    def model_name(self) -> str:
+        """The model's name without A1111's " [hash]" suffix."""
+        name = self.model.strip()
+        if name.endswith("]") and " [" in name:
+            name = name[: name.rindex(" [")]
+        return name
+
+
 # A prompt longer than this is refused before it reaches the tokenizer (a 50 MB prompt once made the server's
 # tokenizer panic after exhausting memory); 20 000 characters is ~60 of CLIP's 75-token chunks.
 MAX_PROMPT_CHARACTERS = 20_000
@@ -89,6 +151,13 @@ class GenerationRequest(BaseModel):
     hires_upscaler: str = Field("Latent", description="one of " + ", ".join(HIRES_UPSCALERS))
     hires_steps: int = Field(0, ge=0, le=150, description="second-pass steps; 0: the same as steps")
     hires_strength: float = Field(0.7, ge=0.0, le=1.0, description="second-pass denoising strength")
+
+    # -- control and extensions ------------------------------------------------------------------------------
+    controls: list[ControlUnit] = Field(default_factory=list, max_length=MAX_CONTROL_UNITS,
+                                        description="ControlNet / T2I-Adapter units, applied together")
+    extensions: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, max_length=16, description="installed extensions to turn on (entry points in "
+        "'dapple.extensions'), each with its arguments: {name: {argument: value}}")
 
     @field_validator("resize_mode", mode="before")
     @classmethod
@@ -180,11 +249,22 @@ class Limits:
             )
 
 
-def _allowed(field_name: str) -> str:
+def _field_info(location: Sequence[Any]) -> tuple[Any, type[BaseModel]]:
+    """The pydantic field a location names, following nested units (("controls", 0, "weight") -> ControlUnit's
+    weight), and the model that holds it."""
+    model: type[BaseModel] = GenerationRequest
+    info = model.model_fields.get(str(location[0])) if location else None
+    if location and location[0] == "controls" and len(location) >= 3 and isinstance(location[1], int):
+        model = ControlUnit
+        info = model.model_fields.get(str(location[2]))
+    return info, model
+
+
+def _allowed(location: Sequence[Any] | str) -> str:
     """Describe a field's static bounds in words, from its pydantic constraints."""
-    info = GenerationRequest.model_fields.get(field_name)
+    info, model = _field_info((location,) if isinstance(location, str) else location)
     if info is None:
-        return "known fields: " + ", ".join(GenerationRequest.model_fields)
+        return "known fields: " + ", ".join(model.model_fields)
     parts = {type(m).__name__: m for m in info.metadata}
     words = []
     if "MultipleOf" in parts:
@@ -222,7 +302,7 @@ def describe_errors(errors: Sequence[Mapping[str, Any]], skip: tuple[str, ...] =
         if item["type"] == "value_error":  # our own validators already say what is allowed
             lines.append(f"{name}={value} is invalid: {message}")
         else:
-            lines.append(f"{name}={value} is invalid ({message}); allowed: {_allowed(str(item['loc'][0]))}")
+            lines.append(f"{name}={value} is invalid ({message}); allowed: {_allowed(item['loc'])}")
     return "; ".join(lines)
 
 
