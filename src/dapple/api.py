@@ -33,6 +33,7 @@ def load(
     lora_dirs: Sequence[str | Path] = (),
     embedding_dirs: Sequence[str | Path] = (),
     threads: int | None = None,
+    control_dirs: Sequence[str | Path] = (),
 ) -> Pipeline:
     """Load a diffusers model folder, a single-file SD 1.x / 2.x checkpoint (.safetensors, as A1111 and ComfyUI
     use), or, online, a hub id; with no path, the built-in model.
@@ -46,6 +47,8 @@ def load(
     threads: torch's CPU thread count (a process-wide setting). None picks 1 for small models such as the
     built-in one (a second thread gains ~10% when the machine is idle and costs up to 9x when another process
     holds a core), else the physical cores this process may use.
+    control_dirs: folders of ControlNets and T2I-Adapters (as A1111's models/ControlNet), which request units
+    name; the built-in "builtin-canny" is always there.
     """
     if path is None:
         if not (BUILTIN_MODEL_DIR / "model_index.json").is_file():
@@ -64,7 +67,7 @@ def load(
             swap_vae(components, vae, allow_pickle=allow_pickle)
     torch.set_num_threads(choose_threads(threads, components.unet.num_parameters()))
     return Pipeline(components, limits=limits, lora_dirs=lora_dirs, embedding_dirs=embedding_dirs,
-                    allow_pickle=allow_pickle)
+                    allow_pickle=allow_pickle, control_dirs=control_dirs)
 
 
 def swap_vae(components: Components, vae: str | Path, *, allow_pickle: bool = False) -> None:

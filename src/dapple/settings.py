@@ -23,3 +23,4 @@ class Settings:
     allow_pickle: bool = False
     models_dir: Path | None = None  # an A1111 or ComfyUI folder (dapple.models.library)
     threads: int | None = None  # torch's CPU threads; None lets dapple.load pick (dapple.models.devices)
+    control_dirs: tuple[Path, ...] = ()  # ControlNet / T2I-Adapter folders (dapple.models.control_models)

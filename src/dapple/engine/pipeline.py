@@ -14,6 +14,7 @@ from __future__ import annotations
 import gc
 import logging
 import traceback
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from PIL import Image
 
 from dapple.engine.conditioning import Conditioning, encode_prompt, encode_prompt_xl
+from dapple.engine.control import control_extensions
 from dapple.engine.extensions import Extension, requested_extensions
 from dapple.engine.hooks import CancelToken, StepContext, StepHooks
 from dapple.engine.latents import decode, seeded_noise, to_pil
@@ -30,14 +32,20 @@ from dapple.engine.modes import run_request
 from dapple.engine.prompt_syntax import ExtraNetwork, extract_extra_networks
 from dapple.errors import GenerationCancelled, InvalidRequestError
 from dapple.models.components import Components
+from dapple.models.control_models import (
+    ControlModelEntry, find_control_model, list_control_models, load_control_model, weight_file,
+)
 from dapple.models.embeddings import EMBEDDING_HASH_LENGTH, EMBEDDING_SUFFIXES, install, name_pattern, read_embedding
 from dapple.models.generation_defaults import unset_recommendations, with_model_defaults
 from dapple.models.lora import LORA_HASH_LENGTH, LoraLayer, LoraPatcher, find_in_folders, read_lora
-from dapple.request import DEFAULT_SAMPLER, GenerationRequest, GenerationResult, Hires, Limits, make_request
+from dapple.request import (
+    DEFAULT_SAMPLER, ControlUnit, GenerationRequest, GenerationResult, Hires, Limits, make_request,
+)
 from dapple.samplers import create_scheduler
 
 StepCallback = Callable[[StepContext], None]
 logger = logging.getLogger("dapple")
+CONTROL_CACHE_SIZE = 4  # loaded control models kept on the device (an SD 1.5 ControlNet is ~700 MB in fp16)
 
 
 class Pipeline:
@@ -45,7 +53,7 @@ class Pipeline:
 
     def __init__(self, components: Components, *, limits: Limits | None = None,
                  lora_dirs: Sequence[str | Path] = (), embedding_dirs: Sequence[str | Path] = (),
-                 allow_pickle: bool = False) -> None:
+                 allow_pickle: bool = False, control_dirs: Sequence[str | Path] = ()) -> None:
         self.components = components
         self.limits = limits or Limits()
         self._scheduler: SchedulerMixin | None = None
@@ -55,6 +63,8 @@ class Pipeline:
         self.embedding_dirs: list[Path] = [Path(folder) for folder in embedding_dirs]  # textual inversion
         self._installed_embeddings: set[tuple[str, int, int]] = set()
         self._allow_pickle = allow_pickle
+        self.control_dirs: list[Path] = [Path(folder) for folder in control_dirs]  # ControlNets, T2I-Adapters
+        self._control_cache: OrderedDict[tuple[str, int, int], torch.nn.Module] = OrderedDict()
 
     @property
     def recommended_settings(self) -> dict[str, Any]:
@@ -149,6 +159,7 @@ class Pipeline:
         *,
         hires: Hires | float | dict | None = None,
         guidance_min_timestep: int | None = None,
+        controls: Sequence[ControlUnit | dict] | None = None,
         callback: StepCallback | None = None,
         cancel: CancelToken | None = None,
     ) -> GenerationResult:
@@ -156,12 +167,14 @@ class Pipeline:
         (generation_defaults.json), else GenerationRequest's defaults (20 steps, CFG 7, "DPM++ 2M Karras",
         random seed, the model's native size). `hires` turns on hires fix: a scale (2.0), a
         Hires(scale, upscaler, steps, strength) or a dict of those. guidance_min_timestep: guide only the steps
-        at t >= this (a guidance interval; default 0, every step). `callback` is called after every step with
-        a StepContext (step, total, latents, denoised, preview(), phase); `cancel` stops the run between steps."""
+        at t >= this (a guidance interval; default 0, every step). controls: ControlNet / T2I-Adapter units
+        (ControlUnit or dicts of its fields; img2img, inpaint and outpaint take `controls=` too). `callback` is
+        called after every step with a StepContext (step, total, latents, denoised, preview(), phase); `cancel`
+        stops the run between steps."""
         fields: dict[str, Any] = {
             "negative_prompt": negative_prompt, "width": width, "height": height, "steps": steps,
             "guidance_scale": guidance_scale, "seed": seed, "sampler": sampler, "batch_size": batch_size,
-            "guidance_min_timestep": guidance_min_timestep,
+            "guidance_min_timestep": guidance_min_timestep, "controls": controls,
         }
         if hires is not None:
             fields.update(Hires.coerce(hires).request_fields())
@@ -246,7 +259,10 @@ class Pipeline:
             hooks.before_step.setdefault("cancel", cancel.hook)
         if callback is not None:
             hooks.after_step.setdefault("callback", callback)
-        run_extensions = [*requested_extensions(request.extensions, self.components), *extensions]
+        # Control units first (their modules, images and models are checked here, before any step), then the
+        # request's plugins and the caller's own extensions.
+        run_extensions = [*control_extensions(request, self.components, self._control_model, self.limits),
+                          *requested_extensions(request.extensions, self.components), *extensions]
         try:
             with torch.inference_mode():
                 result = run_request(self.components, request, hooks, self.limits, run_extensions)
@@ -260,6 +276,27 @@ class Pipeline:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             raise
+
+    def control_models(self) -> list[ControlModelEntry]:
+        """The ControlNets and T2I-Adapters a request can name: the built-in one and those in control_dirs."""
+        return list_control_models(self.control_dirs)
+
+    def _control_model(self, name: str) -> tuple[ControlModelEntry, torch.nn.Module]:
+        """The control model called `name`, loaded once per file version onto this pipeline's device and dtype
+        (the CONTROL_CACHE_SIZE most recently used stay loaded)."""
+        entry = find_control_model(name, self.control_dirs)
+        stat = weight_file(entry.path).stat()
+        key = (str(entry.path), stat.st_size, stat.st_mtime_ns)
+        if key not in self._control_cache:
+            model = load_control_model(entry.path, allow_pickle=self._allow_pickle, base=self.components.unet.config)
+            model = model.to(self.device)
+            if model.dtype != self.dtype:  # (diffusers warns about any dtype cast, even a no-op one)
+                model = model.to(self.dtype)
+            self._control_cache[key] = model.eval().requires_grad_(False)
+            while len(self._control_cache) > CONTROL_CACHE_SIZE:
+                self._control_cache.popitem(last=False)
+        self._control_cache.move_to_end(key)
+        return entry, self._control_cache[key]
 
     def apply_loras(self, networks: Sequence[ExtraNetwork]) -> None:
         """Merge exactly these LoRAs into the weights (none: the plain model), found by name in lora_dirs.
