@@ -23,7 +23,7 @@ StableDiffusion(XL)AdapterPipeline call them, so a unit's output matches those p
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -305,13 +305,17 @@ def control_extensions(request: GenerationRequest, components: Components, find_
 
 
 def infotext_entry(index: int, unit: "ControlUnit", entry: ControlModelEntry) -> tuple[str, str]:
-    """("ControlNet N", "...") as sd-webui-controlnet writes a unit into the parameters text."""
+    """("ControlNet N", "Module: ..., Model: name [hash], ...") as sd-webui-controlnet writes a unit into the
+    parameters text; the value goes in unquoted (format_infotext quotes it, as A1111's quote() does)."""
     unit = unit.model_copy(update={"model": entry.name})
     try:
         from dapple.infotext import format_control_unit
     except ImportError:
         return _format_unit(index, unit, entry.short_hash)
-    return format_control_unit(index, unit, entry.short_hash)
+    key, value = format_control_unit(index, unit, entry.short_hash)
+    if len(value) >= 2 and value[0] == value[-1] == '"':
+        value = value[1:-1]
+    return key, value
 
 
 def _format_unit(index: int, unit: "ControlUnit", model_hash: str) -> tuple[str, str]:
@@ -323,8 +327,5 @@ def _format_unit(index: int, unit: "ControlUnit", model_hash: str) -> tuple[str,
         "Guidance Start": unit.guidance_start, "Guidance End": unit.guidance_end,
         "Pixel Perfect": unit.pixel_perfect, "Control Mode": unit.control_mode,
     }
-    return f"ControlNet {index}", '"' + ", ".join(f"{key}: {value}" for key, value in fields.items()) + '"'
+    return f"ControlNet {index}", ", ".join(f"{key}: {value}" for key, value in fields.items())
 
-
-def unit_names(extensions: Sequence[Extension]) -> list[str]:
-    return [extension.name for extension in extensions if isinstance(extension, _Unit)]
