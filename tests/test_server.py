@@ -164,12 +164,13 @@ def test_studio_files_are_served_by_name_only_and_the_favicon_exists(client) -> 
 
 
 def test_the_studio_offers_every_field_and_choice_of_the_job_api(client) -> None:
-    """Each request field is sent by the studio (depth2img's depth map excepted: no depth tab yet), and each
-    choice the request accepts is an option of its select."""
+    """Each request field is sent by the studio (depth2img's depth map excepted: no depth tab yet; plugin
+    extensions excepted: they have no form, only the API), and each choice the request accepts is an option of
+    its select."""
     from dapple.request import HIRES_UPSCALERS, INPAINTING_FILLS, RESIZE_MODES, GenerationRequest
 
     page, script = client.get("/").text, client.get("/studio/studio.js").text
-    missing = [name for name in GenerationRequest.model_fields if name != "depth_map" and f"{name}" not in script]
+    missing = [name for name in GenerationRequest.model_fields if name not in ("depth_map", "extensions") and f"{name}" not in script]
     assert missing == []
     for choices in (HIRES_UPSCALERS, INPAINTING_FILLS, RESIZE_MODES):
         for choice in choices:
