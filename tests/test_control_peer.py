@@ -217,12 +217,17 @@ def xl_control_dir(tmp_path_factory, xl_parts):
     return folder
 
 
+@pytest.fixture(scope="module")
+def xl_pipe(xl_dir, xl_control_dir):
+    return dapple.load(xl_dir, device="cpu", control_dirs=[xl_control_dir])
+
+
 @pytest.mark.parametrize("sampler, weight, end, mode, cfg", [("Euler", 1.0, 1.0, "Balanced", 5.0),
                                                              ("DPM++ 2M Karras", 0.6, 0.7, GUESS, 5.0),
                                                              ("Euler a", 1.5, 0.8, GUESS, 1.0)])
-def test_sdxl_controlnet_matches_diffusers(xl_dir, xl_parts, xl_control_dir, sampler, weight, end, mode,
+def test_sdxl_controlnet_matches_diffusers(xl_pipe, xl_parts, xl_control_dir, sampler, weight, end, mode,
                                            cfg) -> None:
-    pipe = dapple.load(xl_dir, device="cpu", control_dirs=[xl_control_dir])
+    pipe = xl_pipe
     control = edge_map(10)
     unit = ControlUnit(model="xl-cn", image=control, weight=weight, guidance_end=end, control_mode=mode)
     ours = pixels(pipe.generate(PROMPT, negative_prompt=NEGATIVE, steps=5, guidance_scale=cfg, seed=3,
@@ -237,8 +242,8 @@ def test_sdxl_controlnet_matches_diffusers(xl_dir, xl_parts, xl_control_dir, sam
 
 @pytest.mark.parametrize("sampler, weight, factor, cfg", [("Euler", 1.0, 1.0, 5.0), ("DPM++ 2M Karras", 0.7, 0.6, 5.0),
                                                           ("Euler a", 1.4, 0.5, 1.0)])
-def test_sdxl_adapter_matches_diffusers(xl_dir, xl_parts, xl_control_dir, sampler, weight, factor, cfg) -> None:
-    pipe = dapple.load(xl_dir, device="cpu", control_dirs=[xl_control_dir])
+def test_sdxl_adapter_matches_diffusers(xl_pipe, xl_parts, xl_control_dir, sampler, weight, factor, cfg) -> None:
+    pipe = xl_pipe
     control = edge_map(11)
     unit = ControlUnit(model="xl-adapter", image=control, weight=weight, guidance_end=factor)
     ours = pixels(pipe.generate(PROMPT, negative_prompt=NEGATIVE, steps=6, guidance_scale=cfg, seed=6,
@@ -264,24 +269,23 @@ def sd1_adapter_setup(tmp_path_factory):
     save(tiny_adapter(built.unet, seed=6), adapters / "full")
     save(tiny_adapter(built.unet, seed=7, light=True), adapters / "light")
     save(tiny_adapter(built.unet, seed=8, in_channels=1), adapters / "sketch")
-    return model_dir, adapters
+    parts = StableDiffusionPipeline.from_pretrained(str(model_dir), safety_checker=None,
+                                                    requires_safety_checker=False, local_files_only=True).components
+    return dapple.load(model_dir, device="cpu", control_dirs=[adapters]), parts, adapters
 
 
 @pytest.mark.parametrize("name, sampler, weight, cfg", [("full", "Euler", 1.0, 6.0), ("light", "DPM++ 2M Karras", 0.8, 6.0),
                                                         ("sketch", "Euler a", 1.3, 6.0), ("full", "DDIM", 0.5, 1.0)])
 def test_sd_adapter_matches_diffusers(sd1_adapter_setup, name, sampler, weight, cfg) -> None:
-    model_dir, adapters = sd1_adapter_setup
-    pipe = dapple.load(model_dir, device="cpu", control_dirs=[adapters])
+    pipe, parts, adapters = sd1_adapter_setup
     control = edge_map(12)
     unit = ControlUnit(model=name, image=control, weight=weight)
-    ours = pixels(pipe.generate(PROMPT, negative_prompt=NEGATIVE, steps=6, guidance_scale=cfg, seed=8,
+    ours = pixels(pipe.generate(PROMPT, negative_prompt=NEGATIVE, steps=4, guidance_scale=cfg, seed=8,
                                 sampler=sampler, batch_size=2, controls=[unit]))
-    parts = StableDiffusionPipeline.from_pretrained(str(model_dir), safety_checker=None,
-                                                    requires_safety_checker=False, local_files_only=True).components
     peer = reference(StableDiffusionAdapterPipeline,
                      {**parts, "safety_checker": None, "feature_extractor": None, "requires_safety_checker": False},
                      adapter=load_control_model(adapters / name))
     theirs = run_reference(peer, pipe.components.scheduler_config, sampler, [8, 9],
-                           image=control.convert("L") if name == "sketch" else control, num_inference_steps=6,
+                           image=control.convert("L") if name == "sketch" else control, num_inference_steps=4,
                            guidance_scale=cfg, adapter_conditioning_scale=weight)
     assert np.abs(ours - theirs).max() <= TOLERANCE
