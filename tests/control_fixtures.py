@@ -63,3 +63,27 @@ def edge_map(seed: int, size: int = 64, height: int | None = None) -> Image.Imag
     coarse = (rng.random((8, 8)) > 0.6).astype(np.uint8) * 255
     blocks = np.asarray(Image.fromarray(coarse).resize((size, height or size), Image.NEAREST))
     return Image.fromarray(np.stack([np.maximum(canvas, blocks)] * 3, axis=-1))
+
+
+def union_controlnet(unet: UNet2DConditionModel, seed: int, scale: float = 0.3):
+    """A tiny ControlNetUnionModel (ControlNet++'s architecture) on a tiny SDXL UNet: its encoder copied from the
+    UNet, its zero-initialised parts (zero convolutions, the control-type projection) given seeded weights."""
+    from diffusers import ControlNetUnionModel
+
+    keys = ("in_channels", "down_block_types", "block_out_channels", "layers_per_block", "cross_attention_dim",
+            "attention_head_dim", "use_linear_projection", "addition_embed_type", "addition_time_embed_dim",
+            "projection_class_embeddings_input_dim", "transformer_layers_per_block", "norm_num_groups")
+    torch.manual_seed(seed)
+    width = unet.config.block_out_channels[0]
+    union = ControlNetUnionModel(**{key: unet.config[key] for key in keys}, conditioning_embedding_out_channels=(16, 32),
+                                 num_control_type=8, num_trans_channel=width, num_trans_head=4,
+                                 num_proj_channel=width)
+    shared = {key: value for key, value in unet.state_dict().items() if key in union.state_dict()}
+    union.load_state_dict(shared, strict=False)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in union.named_parameters():
+            if name.startswith(("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding.conv_out",
+                                "spatial_ch_projs")):
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
+    return union.eval()

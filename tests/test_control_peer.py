@@ -23,7 +23,7 @@ from diffusers import (
 from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 
 import dapple
-from control_fixtures import edge_map, perturbed_controlnet, save, tiny_adapter
+from control_fixtures import edge_map, perturbed_controlnet, save, tiny_adapter, union_controlnet
 from dapple.models.control_models import load_control_model
 from dapple.models.tiny import build_tiny_family_pipeline, build_tiny_xl_pipeline
 from dapple.request import ControlUnit
@@ -214,6 +214,7 @@ def xl_control_dir(tmp_path_factory, xl_parts):
     folder = tmp_path_factory.mktemp("ControlNet-xl")
     save(perturbed_controlnet(xl_parts["unet"], seed=4), folder / "xl-cn")
     save(tiny_adapter(xl_parts["unet"], seed=5), folder / "xl-adapter")
+    save(union_controlnet(xl_parts["unet"], seed=6), folder / "xl-union")
     return folder
 
 
@@ -238,6 +239,33 @@ def test_sdxl_controlnet_matches_diffusers(xl_pipe, xl_parts, xl_control_dir, sa
                            control_guidance_end=end, guess_mode=mode == GUESS)
     assert ours.shape == theirs.shape == (2, 64, 64, 3)
     assert np.abs(ours - theirs).max() <= TOLERANCE
+
+
+@pytest.mark.parametrize("sampler, weight, start, end, module, control_type", [
+    ("Euler", 1.0, 0.0, 1.0, "lineart", 3), ("DPM++ 2M Karras", 0.8, 0.2, 0.8, "depth", 1)])
+def test_sdxl_union_controlnet_matches_diffusers(xl_pipe, xl_parts, xl_control_dir, sampler, weight, start, end,
+                                                 module, control_type) -> None:
+    """A union ControlNet learns the kind of map from the module (lineart -> 3, depth -> 1: ControlNet++'s
+    types); "lineart" and "depth" are maps the user gives, so the preprocessor passes them through."""
+    pytest.importorskip("dapple.engine.control_maps")
+    from diffusers import ControlNetUnionModel, StableDiffusionXLControlNetUnionPipeline
+
+    control = edge_map(13)
+    unit = ControlUnit(model="xl-union", image=control, module=module, weight=weight, guidance_start=start,
+                       guidance_end=end, resize_mode="Just Resize")
+    ours = pixels(xl_pipe.generate(PROMPT, negative_prompt=NEGATIVE, steps=5, guidance_scale=5.0, seed=4,
+                                   sampler=sampler, controls=[unit]))
+    union = ControlNetUnionModel.from_pretrained(str(xl_control_dir / "xl-union"), local_files_only=True)
+    peer = reference(StableDiffusionXLControlNetUnionPipeline, xl_parts, controlnet=union)
+    theirs = run_reference(peer, xl_pipe.components.scheduler_config, sampler, [4], control_image=[control],
+                           control_mode=[control_type], num_inference_steps=5, guidance_scale=5.0,
+                           controlnet_conditioning_scale=weight, control_guidance_start=start,
+                           control_guidance_end=end)
+    assert np.abs(ours - theirs).max() <= TOLERANCE
+    other = ControlUnit(model="xl-union", image=control, module="canny" if module == "depth" else "depth",
+                        weight=weight, guidance_start=start, guidance_end=end)
+    assert np.abs(pixels(xl_pipe.generate(PROMPT, negative_prompt=NEGATIVE, steps=5, guidance_scale=5.0, seed=4,
+                                          sampler=sampler, controls=[other])) - theirs).max() > 10 * TOLERANCE
 
 
 @pytest.mark.parametrize("sampler, weight, factor, cfg", [("Euler", 1.0, 1.0, 5.0), ("DPM++ 2M Karras", 0.7, 0.6, 5.0),
