@@ -266,6 +266,10 @@ def test_control_models_must_fit_the_model_family(sd_controlnet) -> None:
     with pytest.raises(InvalidRequestError, match="ControlNet for cross-attention 32; this model is SDXL"):
         check_fits(controlnet, xl_unet.config, "tiny-sd")
     check_fits(controlnet, build_tiny_pipeline(0).unet.config, "tiny-sd")  # fits its own
+    inpainting = build_tiny_pipeline(1, unet_in_channels=9).unet
+    check_fits(controlnet, inpainting.config, "tiny-sd")  # an SD ControlNet drives an inpainting UNet too
+    with pytest.raises(InvalidRequestError, match="takes 9 input channels; this model's latents have 4"):
+        check_fits(ControlNetModel.from_unet(inpainting), inpainting.config, "made-from-inpainting")
     adapter = tiny_adapter(build_tiny_family_pipeline("sd1").unet, seed=1)
     with pytest.raises(InvalidRequestError, match="SD 1.x/2.x T2I-Adapter"):
         check_fits(adapter, xl_unet.config, "sketch")

@@ -9,6 +9,9 @@ StableDiffusion(XL)AdapterPipeline call them, so a unit's output matches those p
 - window: a unit acts on step i of a pass of n steps when not (i / n < start or (i + 1) / n > end)
   (diffusers' controlnet_keep); a T2I-Adapter's guidance_end is its adapter_conditioning_factor
   (diffusers: i < int(n * factor), the same rule);
+  diffusers' SD (non-XL) adapter pipeline has no factor and acts on every step, Dapple honours the window for
+  both; for second-order samplers (Heun, DPM2) the window counts the pass's model calls, as the ControlNet
+  pipelines do (the XL adapter pipeline counts its steps instead);
 - weight: the ControlNet's conditioning_scale, the adapter's adapter_conditioning_scale; 0 adds nothing;
 - control mode (sd-webui-controlnet's names): "Balanced" runs the ControlNet on both halves of the CFG batch;
   "ControlNet is more important" is diffusers' guess mode: the ControlNet sees the conditional half only, its

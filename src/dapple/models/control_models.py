@@ -544,6 +544,10 @@ def check_fits(model: torch.nn.Module, unet_config: Mapping[str, Any], name: str
                 f"{list(config['channels'])}; this model is {family_label(unet_config)} with block channels "
                 f"{blocks}: use a T2I-Adapter made for it")
         return
+    if config.get("in_channels") != unet_config.get("out_channels"):  # it reads the latents (4 channels for SD)
+        raise InvalidRequestError(
+            f"control model {name!r} takes {config.get('in_channels')} input channels; this model's latents have "
+            f"{unet_config.get('out_channels')} (a ControlNet reads the latents alone, also for inpainting UNets)")
     mismatched = [key for key in ("cross_attention_dim", "block_out_channels", "layers_per_block")
                   if _as_list(config.get(key)) != _as_list(unet_config.get(key))]
     xl_mismatch = (config.get("addition_embed_type") == "text_time") != \
