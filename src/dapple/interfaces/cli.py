@@ -1178,6 +1178,49 @@ def train_builtin(
     say(str(model) if model else f"stopped; checkpoint in {trainer.checkpoint_path}")
 
 
+@train_app.command("controlnet")
+def train_controlnet(
+    out: Path = typer.Option(Path("runs/controlnet"), help="run folder: checkpoint.pt, train.log, model/"),
+    seed: int = typer.Option(0, min=0, max=2**32 - 1, help="seed of weights, data and noise"),
+    steps: Optional[int] = typer.Option(None, min=1, help="training steps [default: the recipe's]"),
+    batch_size: Optional[int] = typer.Option(None, min=1, max=4096, help="scenes per step [default: the recipe's]"),
+    base: Optional[Path] = typer.Option(None, help="the frozen base model folder [default: the built-in model]"),
+    settings: list[str] = typer.Option([], "--set", help="NAME=VALUE for any other ControlNetConfig field, e.g. "
+                                       "--set learning_rate=1e-4 (repeatable)"),
+    device: str = typer.Option("cpu", help="cpu or cuda"),
+    threads: int = typer.Option(1, min=1, max=256, help="CPU threads for training"),
+    stop_after: Optional[int] = typer.Option(None, min=0, help="train at most this many steps now, then checkpoint"),
+) -> None:
+    """Train a canny-edge ControlNet for the built-in model on the shapes world. Run the same command again to
+    resume."""
+    check_device(device)
+    check_output_folder(out)
+    check_utf8_path(out, "--out")
+    if base is not None and not (base / "model_index.json").is_file():
+        fail(f"--base {base} is not a model folder (no model_index.json); give a diffusers model folder")
+    _quiet_libraries()
+    from dapple.train.controlnet_training import ControlNetConfig, ControlNetTrainer, config_overrides
+
+    with user_errors():
+        overrides = {"steps": steps, "batch_size": batch_size, "base": str(base) if base is not None else None}
+        try:
+            overrides.update(config_overrides(settings))
+        except ValueError as error:
+            raise DappleError(str(error)) from None
+        config = ControlNetConfig(seed=seed, **{key: value for key, value in overrides.items() if value is not None})
+        try:
+            trainer = ControlNetTrainer(out, config, device=device)
+        except ValueError as error:  # a checkpoint from other settings, a base that is not a model
+            raise DappleError(str(error)) from None
+        typer.echo(f"{out}: step {trainer.step} of {config.steps}", err=True)
+        model = trainer.run(stop_after=stop_after, threads=threads)
+        if model:
+            from dapple.files import normal_permissions
+
+            normal_permissions(model)  # safetensors would leave the weights 0600
+    say(str(model) if model else f"stopped; checkpoint in {trainer.checkpoint_path}")
+
+
 @train_app.command("export")
 def train_export(
     run: Path = typer.Option(Path("runs/builtin"), help="a run folder of `dapple train builtin`"),
@@ -1321,6 +1364,107 @@ def eval_builtin(
             grid.parent.mkdir(parents=True, exist_ok=True)
             sheet.save(grid)
         say(str(grid))
+
+
+@eval_app.command("controlnet")
+def eval_controlnet(
+    model: Path = typer.Option(..., "--model", "-m", help="a ControlNet folder trained on the shapes world"),
+    n: int = typer.Option(200, min=1, max=100_000, help="held-out scenes to generate and grade, 1..100000"),
+    base: Optional[Path] = typer.Option(None, help="the base model folder [default: the built-in model]"),
+    weight: float = typer.Option(1.0, min=0.0, max=2.0, help="the ControlNet's weight (conditioning scale)"),
+    baseline: bool = typer.Option(True, help="also grade the same prompts at weight 0 (the ControlNet off)"),
+    seed: int = typer.Option(0, min=0, max=2**32 - 1, help="world seed of the held-out scenes; image i uses seed+i"),
+    grid: Optional[Path] = typer.Option(None, help="also save scene | control map | result for the first 16 "
+                                        "scenes as a PNG"),
+    run: Optional[Path] = typer.Option(None, help="with --card: the training run folder (recipe, time)"),
+    card: bool = typer.Option(False, help="write the model card (README.md) into the --model folder"),
+    threads: Optional[int] = GenerationOptions.threads,
+) -> None:
+    """Generate held-out scenes from their canny edges and a colours-only prompt, and grade colour, background,
+    shape, size and position by image analysis, with the ControlNet and (baseline) without it."""
+    import dapple
+    from dapple.train.controlnet_eval import control_grid, evaluate_controlnet, meets_bars
+
+    if not (model / "config.json").is_file():
+        fail(f"--model {model} is not a ControlNet folder (no config.json); give a diffusers ControlNetModel folder, "
+             "e.g. the model/ folder of a `dapple train controlnet` run")
+    if base is not None:
+        check_model_file(base, "--base")
+    if grid is not None:
+        check_output_file(grid, "--grid", (".png",))
+    if card and run is not None and not (run / "checkpoint.pt").is_file():
+        fail(f"--run {run} holds no checkpoint.pt; give the folder of a `dapple train controlnet` run")
+    with user_errors():
+        _quiet_libraries()
+        with _loading_message(base):
+            pipe = dapple.load(base, threads=threads, control_dirs=[model.resolve().parent])
+        name = model.resolve().name  # control models are found by folder name too
+        triples: list = []
+        tables = {}
+        weights = [weight] + ([0.0] if baseline and weight != 0 else [])
+        with _closing(Progress()) as progress:
+            for value in weights:
+                label = f"weight {value:g}"
+                progress.begin(label, n, unit="image")
+
+                def collect(index: int, case, image, value=value, label=label) -> None:
+                    progress.advance(label)
+                    if value == weight and index < 16:
+                        triples.append((case.scene.image, case.edges, image))
+
+                tables[value] = evaluate_controlnet(pipe, name, n, weight=value, seed=seed, on_image=collect)
+    for value, table in tables.items():
+        typer.echo(f"ControlNet weight {value:g}:\n{table.format()}")
+    missed = [attribute for attribute, ok in meets_bars(tables[weight]).items() if not ok]
+    typer.echo("bars (shape 90%, position 95%, colour and background 95%): "
+               + (f"missed: {', '.join(missed)}" if missed else "all met"))
+    if grid is not None and triples:
+        with user_errors():
+            grid.parent.mkdir(parents=True, exist_ok=True)
+            control_grid(triples).save(grid)
+        say(str(grid))
+    if card:
+        _write_controlnet_card(model, run, tables, weight, n, seed)
+
+
+def _write_controlnet_card(model: Path, run: Optional[Path], tables: dict, weight: float, n: int, seed: int) -> None:
+    """The model card of an evaluated ControlNet folder, with the recipe of its run when one is given."""
+    from dapple.train.controlnet_eval import write_model_card
+    from dapple.train.controlnet_training import ControlNetConfig, config_settings, stored_config
+    from dapple.train.model_card import training_minutes
+
+    config, step, minutes, commands = ControlNetConfig(), None, None, []
+    if run is not None:
+        from dapple.train.checkpoint import load_checkpoint
+
+        state = load_checkpoint(run / "checkpoint.pt")
+        config, step = stored_config(json.loads(state["config"])), int(state["step"])
+        if (run / "train.log").is_file():
+            minutes = training_minutes(run / "train.log", "controlnet", step).get("controlnet")
+        train = f"dapple train controlnet --out {run} --seed {config.seed} --steps {config.steps} " \
+                f"--batch-size {config.batch_size}"
+        train += f" --base {config.base}" if config.base else ""
+        train += "".join(f" --set {setting}" for setting in config_settings(config))
+        if step < config.steps:  # the same batches, so stopping at the same step gives the same weights
+            train += f" --stop-after {step}"
+        commands.append(train)
+    commands.append(f"dapple eval controlnet --model DIR --n {n}" + (f" --seed {seed}" if seed else "")
+                    + (f" --weight {weight:g}" if weight != 1 else "") + " --card"
+                    + (f" --run {run}" if run is not None else ""))
+    evaluation = (f"`dapple eval controlnet --model DIR --n {n}`: {n} scenes of the shapes world's held-out "
+                  f"(colour, shape, background) combinations (`ShapesWorld(seed={seed}, split=\"held_out\")`, "
+                  "scenes 0..; training draws only split \"train\", which never holds them). Control: the scene's "
+                  "canny edges (module none, the map given); prompt: its colour and background only (\"a red shape "
+                  "on a blue background\"); the built-in model's recommended settings (DPM++ 2M, 20 steps, CFG 5 "
+                  f"at timesteps >= 600), seeds {seed}..; graded by image analysis. Weight 0 is the same prompts "
+                  "with the ControlNet off: what the prompt alone gives.")
+    labels = {value: (f"**ControlNet, weight {value:g}**" if value == weight else f"no control (weight {value:g})")
+              for value in tables}
+    with user_errors():
+        path = write_model_card(model, config, commands=commands, minutes=minutes,
+                                tables={labels[value]: table for value, table in tables.items()},
+                                evaluation=evaluation, step=step if step is not None else config.steps)
+    say(str(path))
 
 
 @app.command("create-tiny-model")

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler
-from diffusers.training_utils import EMAModel, compute_snr
+from diffusers.training_utils import EMAModel
 from PIL import Image
 from tqdm import tqdm
 
@@ -40,6 +40,7 @@ from dapple.train.builtin_model import Architecture, export_diffusers_folder
 from dapple.train.checkpoint import load_checkpoint, save_checkpoint
 from dapple.train.data.captions import caption_for
 from dapple.train.data.shapes import ShapesWorld
+from dapple.train.diffusion_loss import diffusion_target, min_snr_loss, object_cell_weights, sample_timesteps
 from dapple.train.evaluate import evaluate_reconstructions
 from dapple.train.noise import multires_noise
 from dapple.train.vae_posterior import calibrate_posterior_std
@@ -351,10 +352,7 @@ class BuiltinTrainer:
     def object_weights(self, masks: list[np.ndarray], latent_side: int) -> torch.Tensor:
         """(n, 1, side, side) loss weights: 1 + object_loss_weight on the latent cells the shape touches, grown by
         one cell so that both sides of its outline count."""
-        pixels = torch.from_numpy(np.stack(masks)).float()[:, None]
-        cells = F.max_pool2d(pixels, pixels.shape[-1] // latent_side)
-        grown = F.max_pool2d(cells, 3, stride=1, padding=1)
-        return (1 + self.config.object_loss_weight * grown).to(self.device)
+        return object_cell_weights(masks, latent_side, self.config.object_loss_weight).to(self.device)
 
     def diffusion_batch(
         self, step: int, specs: list, latents: torch.Tensor, weights: torch.Tensor,
@@ -378,18 +376,9 @@ class BuiltinTrainer:
                              return_tensors="pt").input_ids.to(self.device)
         text = self.text_encoder(ids)[0]
         prediction = self.unet(noisy, timesteps, encoder_hidden_states=text).sample
-        if self.config.prediction_type == "v_prediction":
-            target = self.noise_schedule.get_velocity(latents, noise, timesteps)
-        else:
-            target = noise
-        squared_error = F.mse_loss(prediction, target, reduction="none").mean(dim=1, keepdim=True)
-        per_sample = (cell_weights * squared_error).sum(dim=(1, 2, 3)) / cell_weights.sum(dim=(1, 2, 3))
-        snr = compute_snr(self.noise_schedule, timesteps)
-        x0_weight = torch.clamp(torch.clamp(snr, max=self.config.min_snr_gamma), min=self.config.x0_weight_floor)
-        # The same weight for the network's target: eps error^2 = SNR * x0 error^2, v error^2 = x0 error^2 /
-        # (1 - alpha_bar) = (SNR + 1) * x0 error^2 (Hang et al., 2023, section 3.4).
-        weights = x0_weight / (snr + 1 if self.config.prediction_type == "v_prediction" else snr)
-        return (weights * per_sample).mean()
+        target = diffusion_target(self.noise_schedule, latents, noise, timesteps)
+        return min_snr_loss(self.noise_schedule, prediction, target, timesteps, cell_weights,
+                            gamma=self.config.min_snr_gamma, floor=self.config.x0_weight_floor)
 
     def high_timestep_share(self, step: int) -> float:
         """The share of a batch drawn from the top of the schedule: linear from high_timestep_share at step 0 to
@@ -400,11 +389,8 @@ class BuiltinTrainer:
 
     def sample_timesteps(self, count: int, generator: torch.Generator, high_share: float) -> torch.Tensor:
         """Uniform timesteps, a high_share of them from the top of the schedule instead."""
-        total = self.noise_schedule.config.num_train_timesteps
-        uniform = torch.randint(0, total, (count,), generator=generator)
-        high = torch.randint(self.config.high_timestep_from, total, (count,), generator=generator)
-        pick_high = torch.rand(count, generator=generator) < high_share
-        return torch.where(pick_high, high, uniform)
+        return sample_timesteps(count, generator, self.noise_schedule.config.num_train_timesteps,
+                                self.config.high_timestep_from, high_share)
 
     def diffusion_step(self, step: int, specs: list, pool: torch.Tensor, pool_weights: torch.Tensor) -> float:
         loss = self.diffusion_loss(step, specs, pool, pool_weights)
