@@ -77,6 +77,14 @@ def test_a_stopped_run_resumes_to_the_same_weights_bit_for_bit(tiny_base, tmp_pa
         ControlNetTrainer(tmp_path / "split", tiny_config(tiny_base, steps=6, learning_rate=1e-3))
     assert ControlNetTrainer.from_run(tmp_path / "split").config == config
 
+    # A continuation starts from the exported (EMA) weights, its EMA too.
+    follow = ControlNetTrainer(tmp_path / "follow", tiny_config(tiny_base, init_from=str(tmp_path / "whole" / "model")))
+    exported = whole.ema_controlnet().state_dict()
+    for network in (follow.controlnet, follow.ema_controlnet()):
+        assert all(torch.equal(exported[name], tensor) for name, tensor in network.state_dict().items())
+    with pytest.raises(ValueError, match="not a ControlNet folder"):
+        ControlNetTrainer(tmp_path / "bad", tiny_config(tiny_base, init_from=str(tmp_path)))
+
 
 def test_batches_are_pure_functions_of_seed_and_step_with_the_caption_mix(tiny_base, tmp_path) -> None:
     config = tiny_config(tiny_base, batch_size=64, scene_pool=64)

@@ -1185,6 +1185,8 @@ def train_controlnet(
     steps: Optional[int] = typer.Option(None, min=1, help="training steps [default: the recipe's]"),
     batch_size: Optional[int] = typer.Option(None, min=1, max=4096, help="scenes per step [default: the recipe's]"),
     base: Optional[Path] = typer.Option(None, help="the frozen base model folder [default: the built-in model]"),
+    init_from: Optional[Path] = typer.Option(None, help="a ControlNet folder to continue from (a new run with its "
+                                             "own settings) [default: a copy of the base UNet's encoder]"),
     settings: list[str] = typer.Option([], "--set", help="NAME=VALUE for any other ControlNetConfig field, e.g. "
                                        "--set learning_rate=1e-4 (repeatable)"),
     device: str = typer.Option("cpu", help="cpu or cuda"),
@@ -1198,11 +1200,15 @@ def train_controlnet(
     check_utf8_path(out, "--out")
     if base is not None and not (base / "model_index.json").is_file():
         fail(f"--base {base} is not a model folder (no model_index.json); give a diffusers model folder")
+    if init_from is not None and not (init_from / "config.json").is_file():
+        fail(f"--init-from {init_from} is not a ControlNet folder (no config.json); give the model/ folder of a "
+             "`dapple train controlnet` run")
     _quiet_libraries()
     from dapple.train.controlnet_training import ControlNetConfig, ControlNetTrainer, config_overrides
 
     with user_errors():
-        overrides = {"steps": steps, "batch_size": batch_size, "base": str(base) if base is not None else None}
+        overrides = {"steps": steps, "batch_size": batch_size, "base": str(base) if base is not None else None,
+                     "init_from": str(init_from) if init_from is not None else None}
         try:
             overrides.update(config_overrides(settings))
         except ValueError as error:
@@ -1444,6 +1450,7 @@ def _write_controlnet_card(model: Path, run: Optional[Path], tables: dict, weigh
         train = f"dapple train controlnet --out {run} --seed {config.seed} --steps {config.steps} " \
                 f"--batch-size {config.batch_size}"
         train += f" --base {config.base}" if config.base else ""
+        train += f" --init-from {config.init_from}" if config.init_from else ""
         train += "".join(f" --set {setting}" for setting in config_settings(config))
         if step < config.steps:  # the same batches, so stopping at the same step gives the same weights
             train += f" --stop-after {step}"

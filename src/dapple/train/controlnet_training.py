@@ -68,6 +68,8 @@ class ControlNetConfig:
     seed: int = 0
     # The frozen base: a diffusers model folder (None: the built-in model shipped with Dapple).
     base: str | None = None
+    # A ControlNet folder to start from (a continuation with its own schedule and settings; None: from_unet).
+    init_from: str | None = None
     # One entry per conditioning-embedding level: 3 levels downsample by 4, the built-in VAE's 64 px -> 16.
     conditioning_channels: tuple[int, ...] = (16, 32, 64)
     steps: int = 3000
@@ -98,7 +100,7 @@ class ControlNetConfig:
 
 
 # Fields `dapple train controlnet` sets with options of its own, not with --set NAME=VALUE.
-_OWN_OPTIONS = ("seed", "base", "steps", "batch_size")
+_OWN_OPTIONS = ("seed", "base", "init_from", "steps", "batch_size")
 
 
 def config_overrides(settings: list[str]) -> dict[str, Any]:
@@ -111,9 +113,9 @@ def config_overrides(settings: list[str]) -> dict[str, Any]:
         name = name.strip()
         if not equals or name not in allowed:
             raise ValueError(f"--set {setting!r}: expected NAME=VALUE with NAME one of: {', '.join(allowed)}")
-        kind = type(defaults[name])
+        kind = str if defaults[name] is None else type(defaults[name])  # (None defaults are optional paths)
         try:
-            value = json.loads(text)
+            value = text if kind is str else json.loads(text)
             if kind is float and type(value) is int:
                 value = float(value)
             if kind is tuple and isinstance(value, list) and all(type(v) is int and v > 0 for v in value):
@@ -129,8 +131,11 @@ def config_overrides(settings: list[str]) -> dict[str, Any]:
 def config_settings(config: ControlNetConfig) -> list[str]:
     """The --set NAME=VALUE strings that, with the command's own options, recreate `config` from the defaults."""
     defaults = ControlNetConfig().as_dict()
-    return [f"{name}={json.dumps(list(value) if isinstance(value, tuple) else value)}"
-            for name, value in config.as_dict().items() if name not in _OWN_OPTIONS and value != defaults[name]]
+
+    def text(value: Any) -> str:
+        return value if isinstance(value, str) else json.dumps(list(value) if isinstance(value, tuple) else value)
+
+    return [f"{name}={text(value)}" for name, value in config.as_dict().items() if name not in _OWN_OPTIONS and value != defaults[name]]
 
 
 def stored_config(fields: dict[str, Any]) -> ControlNetConfig:
@@ -196,6 +201,8 @@ class ControlNetTrainer:
         torch.manual_seed(self.config.seed)
         self.controlnet = ControlNetModel.from_unet(
             self.unet, conditioning_embedding_out_channels=self.config.conditioning_channels).to(self.device)
+        if self.config.init_from is not None:
+            self._load_init(Path(self.config.init_from))
         self.controlnet.train().requires_grad_(True)
         self.step = 0
         self._budget: int | None = None
@@ -234,6 +241,17 @@ class ControlNetTrainer:
         self.controlnet.load_state_dict(state["controlnet"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.ema.load_state_dict(state["ema"])
+
+    def _load_init(self, folder: Path) -> None:
+        """Start from the weights of a ControlNet folder with this run's architecture."""
+        if not (folder / "config.json").is_file():
+            raise ValueError(f"init_from: {folder} is not a ControlNet folder (no config.json)")
+        source = ControlNetModel.from_pretrained(str(folder), torch_dtype=torch.float32)
+        try:
+            self.controlnet.load_state_dict(source.state_dict())
+        except RuntimeError as error:
+            raise ValueError(f"init_from: the ControlNet in {folder} has another architecture than this run's "
+                             f"(conditioning_channels={list(self.config.conditioning_channels)}): {error}") from None
 
     def save(self) -> None:
         save_checkpoint(self.checkpoint_path, self._state())
