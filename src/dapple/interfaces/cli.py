@@ -321,6 +321,15 @@ class GenerationOptions:
     strength = typer.Option(_defaults["strength"].default, help="denoising strength 0..1: how much changes")
     resize_mode = typer.Option(_defaults["resize_mode"].default, help="just resize | crop and resize | resize and fill")
     mask_blur = typer.Option(_defaults["mask_blur"].default, help="soft edge of the pasted-back area, pixels")
+    control = typer.Option([], "--control", help="a ControlNet / T2I-Adapter unit MODEL:IMAGE[:weight[:start:end]], "
+                           "repeatable (e.g. builtin-canny:edges.png; see `dapple control models`)")
+    control_module = typer.Option([], "--control-module", help="the preprocessor of each --control (one for all, or "
+                                  "one per unit; default none: the image is the map; see `dapple control modules`)")
+    control_mode = typer.Option([], "--control-mode", help="Balanced | My prompt is more important | ControlNet is "
+                                "more important (one for all, or one per unit)")
+    control_resize = typer.Option([], "--control-resize", help="Just Resize | Crop and Resize | Resize and Fill "
+                                  "(one for all, or one per unit)")
+    control_dir = typer.Option([], "--control-dir", help="a folder of ControlNets / T2I-Adapters (repeatable)")
     threads = typer.Option(None, "--threads", min=1, max=1024, show_default=False,
                            help="torch's CPU threads [default: automatic: 1 for small models such as the built-in "
                            "one, else the cores this process may use]")
@@ -328,8 +337,9 @@ class GenerationOptions:
 
 def _run_and_save(fields: dict, *, model: Optional[Path], out: Path, device: Optional[str], dtype: Optional[str],
                   allow_pickle: bool, vae: Optional[Path] = None, models_dir: Optional[Path] = None,
-                  threads: Optional[int] = None) -> None:
-    """Validate a request, load the model, generate with a progress bar per pass, save PNGs, print their paths."""
+                  threads: Optional[int] = None, control: tuple = ()) -> None:
+    """Validate a request, load the model, generate with a progress bar per pass, save PNGs, print their paths.
+    control: (--control specs, --control-module, --control-mode, --control-resize, --control-dir) lists."""
     import dapple
     from dapple.engine.hooks import StepHooks
     from dapple.engine.images import open_image
@@ -339,8 +349,16 @@ def _run_and_save(fields: dict, *, model: Optional[Path], out: Path, device: Opt
 
     settings = Settings(model=model, device=device, dtype=dtype, output_dir=out, allow_pickle=allow_pickle,
                         models_dir=models_dir, threads=threads)
+    specs, control_modules, control_modes, control_resizes, control_dirs = control or ([], [], [], [], [])
     with user_errors():
         # Check everything that needs no model first, so mistakes are reported in a second, not after loading.
+        if specs or control_modules or control_modes or control_resizes:
+            from dapple.engine.control_maps import check_module
+            from dapple.interfaces.cli_control import parse_controls
+
+            fields = {**fields, "controls": parse_controls(specs, control_modules, control_modes, control_resizes)}
+            for unit in fields["controls"]:
+                check_module(unit.get("module", "none"))
         request = make_request(**{name: value for name, value in fields.items() if value is not None})
         resolve_sampler(request.sampler)
         settings.limits.check(request)
@@ -358,7 +376,8 @@ def _run_and_save(fields: dict, *, model: Optional[Path], out: Path, device: Opt
         with _loading_message(model):
             pipe = dapple.load(model, device=settings.device, dtype=settings.dtype,
                                allow_pickle=settings.allow_pickle, limits=settings.limits, vae=vae,
-                               lora_dirs=lora_dirs, embedding_dirs=embedding_dirs, threads=settings.threads)
+                               lora_dirs=lora_dirs, embedding_dirs=embedding_dirs, threads=settings.threads,
+                               control_dirs=control_dirs)
         progress = Progress()
         # The bar opens before the first step (the step count is known once the sampler has its timesteps).
         hooks = StepHooks(before_step={"progress": lambda context: progress.begin(context.phase, context.total)},
@@ -531,6 +550,11 @@ def generate(
     vae: Optional[Path] = GenerationOptions.vae,
     models_dir: Optional[Path] = GenerationOptions.models_dir,
     threads: Optional[int] = GenerationOptions.threads,
+    control: list[str] = GenerationOptions.control,
+    control_module: list[str] = GenerationOptions.control_module,
+    control_mode: list[str] = GenerationOptions.control_mode,
+    control_resize: list[str] = GenerationOptions.control_resize,
+    control_dir: list[Path] = GenerationOptions.control_dir,
 ) -> None:
     """Generate images from a prompt and save them as PNGs with A1111 infotext."""
     fields = dict(prompt=prompt, negative_prompt=negative, width=width, height=height, steps=steps,
@@ -538,7 +562,8 @@ def generate(
                   hires_upscaler=hires_upscaler, hires_steps=hires_steps, hires_strength=hires_strength,
                   guidance_min_timestep=guidance_min_t)
     _run_and_save(fields, model=model, out=out, device=device, dtype=dtype, allow_pickle=allow_pickle, vae=vae,
-                  models_dir=models_dir, threads=threads)
+                  models_dir=models_dir, threads=threads,
+                  control=(control, control_module, control_mode, control_resize, control_dir))
 
 
 @app.command()
@@ -564,13 +589,19 @@ def img2img(
     vae: Optional[Path] = GenerationOptions.vae,
     models_dir: Optional[Path] = GenerationOptions.models_dir,
     threads: Optional[int] = GenerationOptions.threads,
+    control: list[str] = GenerationOptions.control,
+    control_module: list[str] = GenerationOptions.control_module,
+    control_mode: list[str] = GenerationOptions.control_mode,
+    control_resize: list[str] = GenerationOptions.control_resize,
+    control_dir: list[Path] = GenerationOptions.control_dir,
 ) -> None:
     """Redraw an image after a prompt; --strength 0..1 sets how much changes (int(steps x strength) steps run)."""
     fields = dict(prompt=prompt, init_image=image, strength=strength, resize_mode=resize_mode,
                   negative_prompt=negative, width=width, height=height, steps=steps, guidance_scale=guidance,
                   seed=seed, sampler=sampler, batch_size=batch, guidance_min_timestep=guidance_min_t)
     _run_and_save(fields, model=model, out=out, device=device, dtype=dtype, allow_pickle=allow_pickle, vae=vae,
-                  models_dir=models_dir, threads=threads)
+                  models_dir=models_dir, threads=threads,
+                  control=(control, control_module, control_mode, control_resize, control_dir))
 
 
 @app.command()
@@ -601,6 +632,11 @@ def inpaint(
     vae: Optional[Path] = GenerationOptions.vae,
     models_dir: Optional[Path] = GenerationOptions.models_dir,
     threads: Optional[int] = GenerationOptions.threads,
+    control: list[str] = GenerationOptions.control,
+    control_module: list[str] = GenerationOptions.control_module,
+    control_mode: list[str] = GenerationOptions.control_mode,
+    control_resize: list[str] = GenerationOptions.control_resize,
+    control_dir: list[Path] = GenerationOptions.control_dir,
 ) -> None:
     """Repaint the masked area of an image after a prompt; the rest keeps its original pixels."""
     fields = dict(prompt=prompt, init_image=image, mask=mask, strength=strength, mask_blur=mask_blur,
@@ -608,7 +644,8 @@ def inpaint(
                   width=width, height=height, steps=steps, guidance_scale=guidance, seed=seed, sampler=sampler,
                   batch_size=batch, guidance_min_timestep=guidance_min_t)
     _run_and_save(fields, model=model, out=out, device=device, dtype=dtype, allow_pickle=allow_pickle, vae=vae,
-                  models_dir=models_dir, threads=threads)
+                  models_dir=models_dir, threads=threads,
+                  control=(control, control_module, control_mode, control_resize, control_dir))
 
 
 @app.command()
@@ -636,6 +673,11 @@ def outpaint(
     vae: Optional[Path] = GenerationOptions.vae,
     models_dir: Optional[Path] = GenerationOptions.models_dir,
     threads: Optional[int] = GenerationOptions.threads,
+    control: list[str] = GenerationOptions.control,
+    control_module: list[str] = GenerationOptions.control_module,
+    control_mode: list[str] = GenerationOptions.control_mode,
+    control_resize: list[str] = GenerationOptions.control_resize,
+    control_dir: list[Path] = GenerationOptions.control_dir,
 ) -> None:
     """Extend an image's canvas on the chosen sides and draw the new area."""
     fields = dict(prompt=prompt, init_image=image, outpaint_left=left, outpaint_right=right, outpaint_top=top,
@@ -643,7 +685,8 @@ def outpaint(
                   steps=steps, guidance_scale=guidance, seed=seed, sampler=sampler, batch_size=batch,
                   guidance_min_timestep=guidance_min_t)
     _run_and_save(fields, model=model, out=out, device=device, dtype=dtype, allow_pickle=allow_pickle, vae=vae,
-                  models_dir=models_dir, threads=threads)
+                  models_dir=models_dir, threads=threads,
+                  control=(control, control_module, control_mode, control_resize, control_dir))
 
 
 @app.command()
@@ -1124,10 +1167,13 @@ def inspect_unet(
         _report(unet_call(_inspect_pipe(model, out, threads), picture, prompt, t, out, seed=seed))
 
 
+from dapple.interfaces.cli_control import control_app  # noqa: E402  (its commands import cli's helpers lazily)
+
 train_app = typer.Typer(help="Train models: the built-in shapes model, from scratch or from a model folder.",
                         no_args_is_help=True)
 eval_app = typer.Typer(help="Evaluate models.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
+app.add_typer(control_app, name="control")
 app.add_typer(eval_app, name="eval")
 
 
