@@ -207,6 +207,8 @@ def test_loaded_models_are_cached_per_file_version(control_pipe, control_dir) ->
      r"'xl-cn' is a ControlNet for SDXL.*this model is cross-attention 32"),
     ([{"model": "tiny-cn", "image": "edge", "module": "inpaint_only"}], {"init_image": "image"},
      r"needs the inpainting mask"),
+    ([{"model": "tiny-cn", "image": "edge", "module": "cany"}], {},
+     r"controls\[0\]\.module 'cany' is unknown; did you mean 'canny'\?; allowed: none, canny"),
 ])
 def test_bad_units_fail_before_any_step(control_pipe, units, fields, message) -> None:
     images = {"edge": edge_map(1), "image": smooth_image(1)}
@@ -241,3 +243,23 @@ def test_inpainting_with_the_inpaint_module_marks_the_mask(control_pipe) -> None
         handle.remove()
     cond = seen[0][0]
     assert torch.all(cond[:, :, 32:] == -1) and cond[:, :, :32].min() >= 0
+
+
+def test_the_unit_module_and_thresholds_make_the_map(control_pipe) -> None:
+    """module canny with threshold_a/b: the ControlNet sees cv2.Canny's edges at those thresholds."""
+    from dapple.engine.control import map_tensor
+    from dapple.engine.preprocessors import canny
+
+    entry, model = control_pipe._control_model("tiny-cn")
+    seen = []
+    handle = model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["controlnet_cond"]),
+                                             with_kwargs=True)
+    image = smooth_image(9)
+    try:
+        run(control_pipe, [ControlUnit(model="tiny-cn", image=image, module="canny", threshold_a=20,
+                                       threshold_b=60)], steps=1)
+    finally:
+        handle.remove()
+    expected = map_tensor(canny(image, 20, 60))
+    assert expected.sum() > 0 and torch.equal(seen[0][:1], expected)
+    assert not torch.equal(expected, map_tensor(canny(image)))  # the thresholds matter for this image

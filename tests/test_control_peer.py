@@ -247,7 +247,6 @@ def test_sdxl_union_controlnet_matches_diffusers(xl_pipe, xl_parts, xl_control_d
                                                  module, control_type) -> None:
     """A union ControlNet learns the kind of map from the module (lineart -> 3, depth -> 1: ControlNet++'s
     types); "lineart" and "depth" are maps the user gives, so the preprocessor passes them through."""
-    pytest.importorskip("dapple.engine.control_maps")
     from diffusers import ControlNetUnionModel, StableDiffusionXLControlNetUnionPipeline
 
     control = edge_map(13)

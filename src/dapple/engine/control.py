@@ -34,24 +34,20 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dapple.engine.control_maps import check_module, control_map
 from dapple.engine.extensions import ORDER_CONTROL, Extension, ModelInputs
-from dapple.engine.images import mask_from_image, open_image, resize_to
+from dapple.engine.images import mask_from_image, open_image
 from dapple.errors import InvalidRequestError
 from dapple.models.components import Components
 from dapple.models.control_models import ControlModelEntry, check_fits
 from dapple.request import GenerationRequest, Limits
-
-try:  # the preprocessors (another module of the engine); without it only module "none" is known
-    from dapple.engine import control_maps
-except ImportError:  # pragma: no cover - until control_maps lands
-    control_maps = None  # type: ignore[assignment]
 
 if TYPE_CHECKING:
     from dapple.engine.hooks import StepContext
     from dapple.request import ControlUnit
 
 BALANCED, PROMPT_MORE, CONTROLNET_MORE = "Balanced", "My prompt is more important", "ControlNet is more important"
-INPAINT_MODULES = ("inpaint", "inpaint_only", "inpaint_global_harmonious")
+INPAINT_MODULE = "inpaint_only"  # check_module's name for inpaint, inpaint_only, inpaint_global_harmonious
 
 # Union ControlNets (xinsir's ControlNet++, diffusers' ControlNetUnionModel) are told which kind of map they get;
 # the kind follows from the module that made the map: (words in the module name, control type).
@@ -85,22 +81,13 @@ class ControlSource:
     image: Image.Image
     mask: Image.Image | None = None
 
-    def control_map(self, width: int, height: int) -> Image.Image | torch.Tensor:
-        """The map the control model sees at width x height (the preprocessor's, when one is installed)."""
-        unit = self.unit
-        if control_maps is not None:
-            return control_maps.control_map(
-                self.image, unit.module, width, height, resize_mode=unit.resize_mode,
-                processor_res=unit.processor_res, pixel_perfect=unit.pixel_perfect, threshold_a=unit.threshold_a,
-                threshold_b=unit.threshold_b, mask=self.mask)
-        fitted = resize_to(self.image.convert("RGB"), width, height, unit.resize_mode.lower())
-        if unit.module in INPAINT_MODULES:
-            return inpaint_condition(fitted, resize_to(self.mask.convert("RGB"), width, height,
-                                                       unit.resize_mode.lower()))
-        return fitted
-
     def tensor(self, width: int, height: int, channels: int = 3) -> torch.Tensor:
-        made = self.control_map(width, height)
+        """The map the control model sees at width x height, as a (1, C, H, W) tensor (the inpaint module's
+        comes as one already, with its -1 marks)."""
+        unit = self.unit
+        made = control_map(self.image, unit.module, width, height, resize_mode=unit.resize_mode,
+                           processor_res=unit.processor_res, pixel_perfect=unit.pixel_perfect,
+                           threshold_a=unit.threshold_a, threshold_b=unit.threshold_b, mask=self.mask)
         return made.float() if isinstance(made, torch.Tensor) else map_tensor(made, channels)
 
 
@@ -244,15 +231,10 @@ def check_units(request: GenerationRequest) -> list[str]:
     images a unit needs are checked as they are opened."""
     modules = []
     for index, unit in enumerate(request.controls):
-        if control_maps is not None:
-            try:
-                modules.append(control_maps.check_module(unit.module))
-            except InvalidRequestError as error:
-                raise InvalidRequestError(f"controls[{index}].module: {error}") from None
-        elif unit.module in ("none", *INPAINT_MODULES):
-            modules.append(unit.module)
-        else:
-            raise InvalidRequestError(f"controls[{index}].module {unit.module!r} is unknown; allowed: none")
+        try:
+            modules.append(check_module(unit.module))
+        except InvalidRequestError as error:
+            raise InvalidRequestError(f"controls[{index}].{error}") from None
     return modules
 
 
@@ -276,7 +258,7 @@ def open_sources(request: GenerationRequest, limits: Limits) -> list[ControlSour
                 f"controls[{index}] has no image: give the unit an image (the control map, or a picture for its "
                 f"module {unit.module!r}); only img2img and inpainting use the init image for a unit without one")
         mask = None
-        if module in INPAINT_MODULES:
+        if module == INPAINT_MODULE:
             mask = inpaint_mask(request, limits, index)
         sources.append(ControlSource(unit, image, mask))
     return sources
