@@ -3,6 +3,7 @@
 A1111 requests are translated into GenerationRequest fields; the synchronous endpoints (txt2img, img2img) submit
 a job and wait for it, so these jobs are queued, persisted and shown in the gallery like any other. Fields Dapple
 does not implement (styles, restore_faces, scripts, ...) are accepted and named under "ignored" in `info`.
+sd-webui-controlnet's units (alwayson_scripts.controlnet.args) and its /controlnet routes: a1111_controlnet.py.
 
 Bodies are typed pydantic models (every A1111 field optional, unknown fields allowed, as A1111's own API models
 are), so /openapi.json documents them and a wrong type is a 422 in A1111's error shape, never a 500. Any JSON a
@@ -436,8 +437,14 @@ def translate(body: dict[str, Any], mode: str) -> tuple[dict[str, Any], list[str
             fields.update(mask=_image_field(body["mask"], "mask"), mask_blur=int(blur or 0),
                           inpainting_fill=int(body.get("inpainting_fill") or 0),
                           invert_mask=bool(body.get("inpainting_mask_invert")))
-    ignored += [name for name in IGNORED_WHEN_SET if _set(body, name)
+    from dapple.interfaces.a1111_controlnet import controlnet_units, other_scripts
+
+    units = controlnet_units(body, mode, ignored)  # sd-webui-controlnet's units: alwayson_scripts.controlnet
+    if units:
+        fields["controls"] = [unit.fields for unit in units]
+    ignored += [name for name in IGNORED_WHEN_SET if _set(body, name) and name != "alwayson_scripts"
                 and not (name == "override_settings" and set(body[name]) == {"sd_model_checkpoint"})]
+    ignored += other_scripts(body)
     if int(body.get("n_iter") or 1) > 1:
         ignored.append("n_iter (run as one batch of batch_size x n_iter)")
     return fields, ignored
@@ -452,6 +459,9 @@ def _encode_png(image: Image.Image, infotext: str) -> str:
 
 
 def create_router(service: JobService, model_name: str, model_path: Path | None) -> APIRouter:
+    from dapple.interfaces.a1111_controlnet import check_request_units, controlnet_units, detected_maps
+    from dapple.interfaces.controls import max_pixels_of, pipeline_of
+
     router = APIRouter(prefix="/sdapi/v1", route_class=A1111Route)
     options: dict[str, Any] = {**A1111_OPTIONS}
     current = {"model": model_name}  # the checkpoint later jobs run (sd_model_checkpoint names it by its title)
@@ -544,6 +554,9 @@ def create_router(service: JobService, model_name: str, model_path: Path | None)
                     check_encoded_image(fields[name], what=name)
                 except InvalidRequestError as error:
                     raise A1111Error(400, str(error)) from None
+        units = controlnet_units(body, mode, [])
+        if units:  # the control model, module and image, checked before the job is queued
+            fields["controls"] = check_request_units(units, fields, service, mode)
         preflight(fields, chosen)
         # The last step of each running job, kept while this request waits: an interrupted run's partial image.
         # Entries of jobs that ended otherwise are dropped, so at most the running job's and this one's are held.
@@ -594,6 +607,9 @@ def create_router(service: JobService, model_name: str, model_path: Path | None)
         except GalleryFileError as error:
             raise A1111Error(error.status, str(error)) from None
         first = ordered[0] if ordered else {"width": fields.get("width"), "height": fields.get("height")}
+        if units and ordered and not options.get("control_net_no_detectmap"):  # the extension appends them
+            images += detected_maps(units, fields, first["width"], first["height"],
+                                    max_pixels_of(pipeline_of(service)))
         info = describe(fields, chosen, [entry["seed"] for entry in ordered], [entry["infotext"] for entry in ordered],
                         first, ignored, job.id)
         return {"images": images if body.get("send_images", True) else [], "parameters": body,
@@ -612,6 +628,9 @@ def create_router(service: JobService, model_name: str, model_path: Path | None)
             "sd_model_hash": checkpoint_hash(chosen), "denoising_strength": fields.get("strength",
                                                                             fields.get("hires_strength", 0)),
             "infotexts": infotexts, "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
+            "extra_generation_params": {key: value for key, value in (parse_infotext(infotexts[0]) if infotexts
+                                                                      else {}).items()
+                                        if key.startswith("ControlNet ")},
             "version": f"dapple {__version__}", "ignored": ignored, "dapple_job_id": job_id,
         }
 
@@ -718,7 +737,8 @@ def create_router(service: JobService, model_name: str, model_path: Path | None)
 
     for path, answer in (("/sd-vae", []), ("/loras", []), ("/hypernetworks", []), ("/face-restorers", []),
                          ("/prompt-styles", []), ("/embeddings", {"loaded": {}, "skipped": {}}),
-                         ("/scripts", {"txt2img": [], "img2img": []}), ("/cmd-flags", {})):
+                         ("/scripts", {"txt2img": ["controlnet"], "img2img": ["controlnet"]}),
+                         ("/cmd-flags", {})):
         router.add_api_route(path, (lambda value=answer: value), methods=["GET"])
 
     @router.post("/refresh-checkpoints")

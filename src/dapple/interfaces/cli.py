@@ -782,8 +782,10 @@ def serve(
     device: Optional[str] = GenerationOptions.device,
     dtype: Optional[str] = GenerationOptions.dtype,
     threads: Optional[int] = GenerationOptions.threads,
+    control_dir: list[Path] = GenerationOptions.control_dir,
 ) -> None:
-    """Serve the native job API (/api/v1, OpenAPI at /docs) and the A1111 API (/sdapi/v1) on one job queue."""
+    """Serve the native job API (/api/v1, OpenAPI at /docs) and the A1111 API (/sdapi/v1, with sd-webui-controlnet's
+    /controlnet routes) on one job queue."""
     import signal
 
     import uvicorn
@@ -819,7 +821,7 @@ def serve(
 
         def load(path: Optional[Path]) -> dapple.Pipeline:
             return dapple.load(path, device=device, dtype=dtype, lora_dirs=lora_dirs, embedding_dirs=embedding_dirs,
-                               threads=threads)
+                               threads=threads, control_dirs=control_dir)
 
         with _loading_message(model):
             pipe = load(model)  # fail now, not on the first job

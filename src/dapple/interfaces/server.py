@@ -4,7 +4,9 @@ the job service (FastAPI; OpenAPI at /docs).
 POST /api/v1/jobs -> 202 {id, status, position}; GET /jobs/{id}; GET /jobs?status=; DELETE /jobs/{id} (cancel);
 GET /jobs/{id}/events (server-sent events); GET /images (gallery, newest first); GET /images/{id} (PNG with
 infotext); GET /images/{id}/thumbnail; DELETE /images/{id}; GET /samplers, /health; GET /models (each with the
-settings the model recommends, which the studio pre-fills). The studio is "/" (static files from studio/, and
+settings the model recommends, which the studio pre-fills); GET /control/models, /control/modules and POST
+/control/detect (a control unit's detected map, for the studio's preview). sd-webui-controlnet's /controlnet routes
+are a1111_controlnet.py's. The studio is "/" (static files from studio/, and
 /favicon.ico).
 Bad input never reaches the worker: 422 names the field and what is allowed, 404 lists valid names, 429 asks the
 client to retry, 413 refuses oversized bodies. Files are served by id only.
@@ -26,15 +28,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from PIL import Image
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dapple.engine.images import check_encoded_image
 from dapple.errors import InvalidRequestError, ModelLoadError, UnknownSamplerError
 from dapple.infotext import parse_infotext
-from dapple.interfaces import a1111
+from dapple.interfaces import a1111, a1111_controlnet
+from dapple.interfaces.controls import check_units, control_catalog, detect, max_pixels_of, model_title, pipeline_of
+from dapple.interfaces.controls import canonical_module, png_base64
 from dapple.interfaces.guard import DEFAULT_MAX_BODY, DEFAULT_MAX_JSON_DEPTH, Guard, HostCheck
 from dapple.models.generation_defaults import RECOMMENDABLE, read_generation_defaults
-from dapple.request import GenerationRequest, describe_errors
+from dapple.request import ControlUnit, GenerationRequest, describe_errors, describe_validation_error
 from dapple.samplers import sampler_names
 from dapple.service.jobs import STATUSES, GalleryFileError, Job, JobNotFoundError, JobService, QueueFullError
 from dapple.service.models import UnknownModelError
@@ -48,11 +52,32 @@ STUDIO_FILES = {"studio.css": "text/css", "studio.js": "text/javascript"}
 IMAGE_FIELDS = ("init_image", "mask", "depth_map")
 
 
-def check_network_images(fields: dict[str, Any]) -> None:
-    """Images from clients must be base64 (never a server path) within the pixel limit, checked on arrival."""
+def check_network_images(fields: dict[str, Any], pipeline: Any = None) -> None:
+    """Images from clients must be base64 (never a server path) within the pixel limit, checked on arrival;
+    control units' images too, with their model and module (controls.check_units, given the pipeline)."""
     for name in IMAGE_FIELDS:
         if fields.get(name) is not None:
             check_encoded_image(fields[name], what=name)
+    if fields.get("controls"):
+        fields["controls"] = check_units(fields["controls"], pipeline,
+                                         has_init_image=fields.get("init_image") is not None)
+
+
+class DetectBody(BaseModel):
+    """POST /api/v1/control/detect: a control image and how a unit would preprocess it (ControlUnit's fields)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: str = Field(..., description="the control image: base64 or a data: URL")
+    module: str = Field("canny", min_length=1, max_length=64, description="a preprocessor from /control/modules")
+    width: int | None = Field(None, ge=64, le=2048, description="the output's width; None (with height): the "
+                              "image's own size")
+    height: int | None = Field(None, ge=64, le=2048)
+    resize_mode: str | int = Field("Crop and Resize", description="as a unit's resize_mode")
+    processor_res: int | None = Field(None, ge=64, le=2048, description="as a unit's processor_res")
+    pixel_perfect: bool = False
+    threshold_a: float | None = Field(None, ge=-1e6, le=1e6)
+    threshold_b: float | None = Field(None, ge=-1e6, le=1e6)
 
 
 class ErrorBody(BaseModel):
@@ -67,9 +92,26 @@ def _job_view(job: Job) -> dict[str, Any]:
     for name in IMAGE_FIELDS:  # images are echoed as a mark, not megabytes of base64
         if request.get(name) is not None:
             request[name] = "<image>"
+    if isinstance(request.get("controls"), list):
+        request["controls"] = [{**unit, "image": "<image>"} if isinstance(unit, dict) and unit.get("image")
+                               is not None else unit for unit in request["controls"]]
     view["request"] = request
     view["image_ids"] = list(job.image_ids)
     return view
+
+
+def _control_units(parameters: dict[str, Any]) -> list[dict[str, Any]]:
+    """The control units an infotext records ("ControlNet 0: ..."), as ControlUnit fields without images."""
+    if not any(key.startswith("ControlNet ") for key in parameters):
+        return []
+    try:
+        from dapple.infotext import parse_control_units
+
+        return parse_control_units(parameters)
+    except ImportError:  # the reader is not in this build yet
+        return []
+    except (ValueError, KeyError, TypeError):  # an infotext written elsewhere that does not parse: no units
+        return []
 
 
 def recommended_settings(recommendation: dict[str, Any]) -> dict[str, Any]:
@@ -99,6 +141,7 @@ def create_app(service: JobService, *, max_body: int = DEFAULT_MAX_BODY, model_n
                                      "not authenticated (401) or cross-site (403)"}})
     service.models.default_name = model_name  # what jobs, A1111 options and /models call the default model
     app.include_router(a1111.create_router(service, model_name, model_path))
+    app.include_router(a1111_controlnet.create_router(service))
     # Outermost first on the way in: Host check, CORS (preflights answered before auth), then the guard.
     cors_origins = [origin.rstrip("/").lower() for origin in cors_origins or ()]  # as browsers send Origin
     app.add_middleware(Guard, max_body=max_body, max_json_depth=max_json_depth, auth=auth,
@@ -213,10 +256,46 @@ def create_app(service: JobService, *, max_body: int = DEFAULT_MAX_BODY, model_n
     def samplers() -> list[str]:
         return sampler_names()
 
+    @app.get("/api/v1/control/models")
+    def control_models() -> list[dict[str, Any]]:
+        """The control models a unit may name (`controls[i].model`): ControlNets and T2I-Adapters of the
+        control-model folders (`dapple serve --control-dir`) and the built-in ones; `title` is the name as
+        sd-webui-controlnet lists it ('name [hash]'), which a unit may use too."""
+        return [{"name": entry.name, "kind": entry.kind, "short_hash": entry.short_hash, "title": model_title(entry)}
+                for entry in control_catalog(pipeline_of(service))]
+
+    @app.get("/api/v1/control/modules")
+    def control_modules() -> dict[str, Any]:
+        """The preprocessors a unit may name (`controls[i].module`), each with its parameters."""
+        from dapple.engine.control_maps import module_details
+
+        return module_details()
+
+    @app.post("/api/v1/control/detect")
+    def control_detect(body: DetectBody) -> dict[str, Any]:
+        """A unit's detected map: what the control model would see for this image, module and output size (no
+        size: the image's own, its short side at processor_res when given). {image: data URL, width, height}."""
+        pipeline = pipeline_of(service)
+        fields = body.model_dump()
+        try:
+            unit = ControlUnit(model="detect", **{key: fields[key] for key in (
+                "module", "resize_mode", "processor_res", "pixel_perfect", "threshold_a", "threshold_b")})
+        except ValidationError as error:
+            raise InvalidRequestError(describe_validation_error(error)) from None
+        if (body.width is None) != (body.height is None):
+            raise InvalidRequestError("give both width and height (the output's size), or neither")
+        module = canonical_module(unit.module, "module")
+        picture = detect(body.image, module, body.width, body.height, resize_mode=unit.resize_mode,
+                         processor_res=unit.processor_res, pixel_perfect=unit.pixel_perfect,
+                         threshold_a=unit.threshold_a, threshold_b=unit.threshold_b,
+                         max_pixels=max_pixels_of(pipeline))
+        return {"image": "data:image/png;base64," + png_base64(picture), "width": picture.width,
+                "height": picture.height, "module": module}
+
     @app.post("/api/v1/jobs", status_code=202)
     def submit(request: GenerationRequest) -> dict[str, Any]:
         fields = request.model_dump(exclude_unset=True)
-        check_network_images(fields)
+        check_network_images(fields, pipeline_of(service) if fields.get("controls") else None)
         job = service.submit(fields)
         return {"id": job.id, "status": job.status, "position": job.position}
 
@@ -283,6 +362,7 @@ def create_app(service: JobService, *, max_body: int = DEFAULT_MAX_BODY, model_n
         for entry in entries:
             entry.pop("file")
             entry["parameters"] = parse_infotext(entry["infotext"])  # for "use these settings"
+            entry["controls"] = _control_units(entry["parameters"])
         return entries
 
     @app.get("/api/v1/images/{image_id}")
