@@ -1,7 +1,8 @@
 """The studio in headless Chromium (Debian's package, driven by Playwright), on a live server with two tiny models
 that recommend different settings: the recommendation pre-filled and followed across model switches, txt2img with
-hires fix, img2img from a dropped image, inpaint with a painted mask, outpaint's sides, the final image replacing
-the live preview, Escape cancelling, gallery search, reuse and delete, the favicon, and the layout on a phone.
+hires fix, img2img from a dropped image, inpaint with a painted mask, outpaint's sides, ControlNet units with their
+detected maps, the final image replacing the live preview, Escape cancelling, gallery search, reuse and delete, the
+favicon, and the layout on a phone.
 
 Screenshots land in test-artifacts/studio/ (kept after the run, ignored by git) for a person to look at."""
 
@@ -15,9 +16,12 @@ import threading
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import uvicorn
+from control_fixtures import perturbed_controlnet, save
+from diffusers import UNet2DConditionModel
 from PIL import Image, ImageDraw
 
 import dapple
@@ -65,7 +69,10 @@ def studio_url(tmp_path_factory):
     write_generation_defaults(save_tiny_model(root / "tiny", seed=0), TINY_RECOMMENDS)
     write_generation_defaults(save_tiny_model(root / "webui" / "models" / "Stable-diffusion" / "other", seed=5),
                               OTHER_RECOMMENDS)
-    pipe = SlowWhenAsked(dapple.load(root / "tiny", device="cpu"))
+    controlnets = root / "ControlNet"  # one tiny ControlNet made from the tiny model's UNet
+    save(perturbed_controlnet(UNet2DConditionModel.from_pretrained(root / "tiny" / "unet"), seed=1),
+         controlnets / "tiny-cn")
+    pipe = SlowWhenAsked(dapple.load(root / "tiny", device="cpu", control_dirs=[controlnets]))
     pool = ModelPool(lambda: pipe, "tiny", ModelFolders.from_root(root / "webui"),
                      lambda path: dapple.load(path, device="cpu"))
     service = JobService(root / "data", lambda: pipe, models=pool)
@@ -183,8 +190,8 @@ def test_the_model_recommendation_is_prefilled_and_followed_across_model_switche
     assert unlabelled == []
     # Tabs for every mode, and room for what is coming, marked as such.
     assert [tab.inner_text() for tab in page.get_by_role("tab").all()] == ["txt2img", "img2img", "Inpaint", "Outpaint"]
-    for coming in ("Control units", "Image prompts"):
-        assert "coming" in page.locator("summary", has_text=coming).inner_text()
+    assert "coming" in page.locator("summary", has_text="Image prompts").inner_text()
+    assert "coming" not in page.locator("summary", has_text="ControlNet").inner_text()  # built
     assert page.locator("footer.shortcuts").inner_text().count("Esc") == 1
     favicon = page.request.get(studio_url + "favicon.ico")
     assert favicon.status == 200 and favicon.headers["content-type"] == "image/x-icon"
@@ -400,4 +407,60 @@ def test_the_layout_on_a_phone_and_in_dark_mode(browser, studio_url) -> None:
     assert output["y"] >= settings["y"] + settings["height"]  # one column: the output below the settings
     assert page.evaluate("getComputedStyle(document.body).backgroundColor") != "rgb(244, 243, 248)"  # dark, not light
     studio.screenshot("10-phone-dark.png")
+    studio.check_clean()
+
+
+def test_control_units_show_their_detected_maps_and_steer_the_job(browser, studio_url, tmp_path) -> None:
+    studio = Studio(browser, studio_url)
+    page = studio.page
+    before = studio.cards()
+    page.locator("summary", has_text="ControlNet").click()
+    page.get_by_role("button", name="Add control unit").click()
+    page.get_by_role("button", name="Add control unit").click()
+    assert page.inner_text("#control-badge") == "2 units"
+    page.wait_for_function("document.getElementById('control-1-model').options.length > 0")
+    assert studio.field("Unit 1: Control model").input_value() == "tiny-cn"
+    assert studio.field("Unit 1: Preprocessor").input_value() == "canny"  # the default preprocessor
+    modules = page.eval_on_selector("#control-1-module", "(s) => [...s.options].map((o) => o.value)")
+    assert {"none", "canny", "scribble", "invert"} <= set(modules)
+    studio.field("Width").fill("64")
+    studio.field("Height").fill("64")
+
+    # Unit 1: a picture, preprocessed by canny; the detected map appears beside it.
+    studio.field("Unit 1: Threshold A").fill("50")
+    studio.field("Unit 1: Threshold B").fill("150")
+    picture = png(tmp_path / "scene.png", colour=(240, 200, 40))
+    with page.expect_response(lambda r: r.url.endswith("/api/v1/control/detect")):
+        page.set_input_files("#control-1-image", str(picture))
+    page.wait_for_function("document.getElementById('control-units').querySelector('[data-part=map]').complete "
+                           "&& document.getElementById('control-units').querySelector('[data-part=map]').naturalWidth")
+    shown = page.eval_on_selector("#control-units fieldset:nth-child(1) [data-part=map]", "(img) => img.src")
+    detected = np.asarray(Image.open(io.BytesIO(base64.b64decode(shown.split(",", 1)[1]))).convert("RGB"))
+    edges = cv2.Canny(np.asarray(Image.open(picture).convert("RGB")), 50, 150)  # 64x64 at 64x64: pixel perfect
+    assert np.array_equal(detected, np.stack([edges] * 3, axis=-1))
+    assert "canny · 64×64" in page.inner_text("#control-units fieldset:nth-child(1)")
+
+    # Unit 2 without an image cannot run in txt2img: the page says so and sends nothing.
+    page.get_by_role("button", name="Generate").click()
+    assert "ControlNet unit 2 needs a control image" in page.inner_text("#error")
+    page.get_by_role("button", name="Remove unit 2").click()
+    assert page.inner_text("#control-badge") == "1 unit"
+
+    studio.field("Unit 1: Control weight").fill("0.8")
+    studio.field("Unit 1: Ending step").fill("0.75")
+    studio.field("Unit 1: Control mode").select_option("ControlNet is more important")
+    studio.field("Sampling steps").fill("4")
+    studio.screenshot("11-control-unit.png")
+    sent = studio.submit()
+    (unit,) = sent["controls"]
+    assert unit["image"].startswith("data:image/png;base64,")
+    assert {key: unit[key] for key in ("model", "module", "weight", "guidance_start", "guidance_end", "control_mode",
+                                       "resize_mode", "threshold_a", "threshold_b")} == {
+        "model": "tiny-cn", "module": "canny", "weight": 0.8, "guidance_start": 0, "guidance_end": 0.75,
+        "control_mode": "ControlNet is more important", "resize_mode": "Crop and Resize", "threshold_a": 50,
+        "threshold_b": 150}
+    studio.wait_for_result(before)
+    info = page.inner_text("#result-info")
+    assert "ControlNet 0: " in info and "Module: canny" in info and "Weight: 0.8" in info
+    studio.screenshot("12-control-result.png")
     studio.check_clean()

@@ -1,6 +1,6 @@
 // Dapple studio: the page's behaviour, on the native job API (/api/v1) only. Read top to bottom:
-// state, the model's recommended settings, modes, the source image and mask, the request, running a job,
-// the result, the gallery, the queue, keyboard shortcuts, start-up.
+// state, the model's recommended settings, modes, the source image and mask, ControlNet units, the request,
+// running a job, the result, the gallery, the queue, keyboard shortcuts, start-up.
 "use strict";
 
 const api = (path, options) => fetch("/api/v1" + path, options);
@@ -17,6 +17,9 @@ const state = {
   shown: null,           // gallery entry shown on the stage
   gallery: [],           // newest first
   lastSeed: null,
+  controlModels: [],     // GET /api/v1/control/models entries
+  controlModules: [],    // preprocessor names, GET /api/v1/control/modules
+  controls: [],          // the ControlNet panel's units: {element, image (data URL or null), detecting}
 };
 
 // -- the model's recommended settings ---------------------------------------------------------------------
@@ -244,6 +247,162 @@ function maskDataUrl() {
   return white.toDataURL("image/png");
 }
 
+// -- ControlNet units: model, preprocessor, control image and its detected map, weight, start/end, modes ------
+// Each unit's inputs are found by their data-part; ids and accessible names carry the unit's number ("Unit 1:
+// Control weight"), renumbered when a unit is removed.
+const CONTROL_PARTS = ["model", "module", "image", "weight", "start", "end", "control-mode", "resize-mode",
+                       "processor-res", "threshold-a", "threshold-b"];
+const part = (unit, name) => unit.element.querySelector(`[data-part="${name}"]:not(label)`);
+
+async function loadControlChoices() {
+  const [models, modules] = await Promise.all([api("/control/models").then((r) => r.json()),
+                                               api("/control/modules").then((r) => r.json())]);
+  state.controlModels = Array.isArray(models) ? models : [];
+  state.controlModules = Array.isArray(modules) ? modules.map((m) => (typeof m === "string" ? m : m.name))
+    : Object.keys(modules || {});
+  for (const unit of state.controls) fillControlChoices(unit);
+  $("control-note").textContent = state.controlModels.length ? ""
+    : "This server has no control models (start it with --control-dir FOLDER).";
+}
+
+function fillControlChoices(unit) {
+  const keep = (select, values, labels, fallback) => {
+    const before = select.value;
+    select.replaceChildren(...values.map((value, i) => new Option(labels[i], value)));
+    select.value = values.includes(before) ? before : fallback(values);
+  };
+  keep(part(unit, "model"), state.controlModels.map((m) => m.name), state.controlModels.map((m) => `${m.name} (${m.kind})`),
+       (values) => values[0] || "");
+  keep(part(unit, "module"), state.controlModules, state.controlModules,
+       (values) => (values.includes("canny") ? "canny" : values[0] || "none"));
+}
+
+function renumberControls() {
+  state.controls.forEach((unit, index) => {
+    const n = index + 1;
+    unit.element.querySelector("legend").textContent = `Unit ${n}`;
+    for (const name of CONTROL_PARTS) {
+      const input = part(unit, name);
+      const label = unit.element.querySelector(`label[data-part="${name}"]`);
+      input.id = `control-${n}-${name}`;
+      label.htmlFor = input.id;
+      input.setAttribute("aria-label", `Unit ${n}: ${label.textContent.replace("…", "")}`);
+    }
+    part(unit, "map").alt = `Unit ${n}: detected map`;
+    part(unit, "picture").alt = `Unit ${n}: control image`;
+    part(unit, "remove").setAttribute("aria-label", `Remove unit ${n}`);
+  });
+  $("control-badge").hidden = !state.controls.length;
+  $("control-badge").textContent = `${state.controls.length} unit${state.controls.length === 1 ? "" : "s"}`;
+}
+
+function addControlUnit() {
+  const element = $("control-unit").content.firstElementChild.cloneNode(true);
+  const unit = {element, image: null, detecting: 0};
+  state.controls.push(unit);
+  $("control-units").appendChild(element);
+  fillControlChoices(unit);
+  renumberControls();
+  part(unit, "image").addEventListener("change", async () => {
+    const file = part(unit, "image").files[0];
+    if (!file || !file.type.startsWith("image/")) { showError(file ? `${file.name} is not an image` : ""); return; }
+    unit.image = await readFile(file);
+    part(unit, "picture").src = unit.image;
+    part(unit, "picture").hidden = false;
+    detectControl(unit);
+  });
+  for (const name of ["module", "resize-mode", "processor-res", "threshold-a", "threshold-b"]) {
+    part(unit, name).addEventListener("change", () => detectControl(unit));
+  }
+  part(unit, "remove").addEventListener("click", () => {
+    state.controls.splice(state.controls.indexOf(unit), 1);
+    element.remove();
+    renumberControls();
+  });
+  return unit;
+}
+
+function outputSize() {
+  // The size the job will draw at, when the page knows it: the fields, else the source image, else the native size.
+  const model = selectedModel();
+  const native = (model && model.native_size) || null;
+  const source = state.mode !== "txt2img" && state.source;
+  const width = number("width") || (source ? source.width : native);
+  const height = number("height") || (source ? source.height : native);
+  return width && height ? {width: Math.round(width / 8) * 8, height: Math.round(height / 8) * 8} : {};
+}
+
+const optionalNumber = (input) => (input.value === "" ? null : Number(input.value));
+
+async function detectControl(unit) {
+  // Show the unit's detected map: what the control model will see for this image, preprocessor and size.
+  const image = unit.image || (state.mode !== "txt2img" && state.source ? state.source.dataUrl : null);
+  const note = part(unit, "map-note");
+  if (!image) { note.textContent = "add a control image to see its detected map"; return; }
+  const ticket = ++unit.detecting;  // only the newest answer is shown
+  note.textContent = "detecting…";
+  const size = outputSize();
+  const body = {image, module: part(unit, "module").value, resize_mode: part(unit, "resize-mode").value,
+                processor_res: optionalNumber(part(unit, "processor-res")),
+                threshold_a: optionalNumber(part(unit, "threshold-a")),
+                threshold_b: optionalNumber(part(unit, "threshold-b"))};
+  if (size.width >= 64 && size.height >= 64 && size.width <= 2048 && size.height <= 2048) Object.assign(body, size);
+  const answer = await api("/control/detect", {method: "POST", headers: {"content-type": "application/json"},
+                                                body: JSON.stringify(body)});
+  const data = await answer.json();
+  if (ticket !== unit.detecting) return;
+  if (answer.status !== 200) { note.textContent = data.detail || answer.statusText; return; }
+  part(unit, "map").src = data.image;
+  part(unit, "map").classList.toggle("pixelated", data.width < 384);
+  note.textContent = `${data.module} · ${data.width}×${data.height}`;
+}
+
+function controlRequest() {
+  // The units as the job API's `controls`; a txt2img unit needs its own image.
+  return state.controls.map((unit, index) => {
+    if (!unit.image && state.mode === "txt2img") {
+      throw new Error(`ControlNet unit ${index + 1} needs a control image (or remove the unit)`);
+    }
+    const control = {model: part(unit, "model").value, module: part(unit, "module").value, image: unit.image,
+                     weight: Number(part(unit, "weight").value), guidance_start: Number(part(unit, "start").value),
+                     guidance_end: Number(part(unit, "end").value), control_mode: part(unit, "control-mode").value,
+                     resize_mode: part(unit, "resize-mode").value};
+    for (const [field, name] of [["processor_res", "processor-res"], ["threshold_a", "threshold-a"], ["threshold_b", "threshold-b"]]) {
+      const value = optionalNumber(part(unit, name));
+      if (value !== null) control[field] = value;
+    }
+    return control;
+  });
+}
+
+function useControlSettings(controls) {
+  // An image's units ("ControlNet 0: ..." in its infotext) back into the panel; their images stay as they are.
+  if (!controls || !controls.length) return;
+  while (state.controls.length < controls.length) addControlUnit();
+  while (state.controls.length > controls.length) part(state.controls[state.controls.length - 1], "remove").click();
+  controls.forEach((control, index) => {
+    const unit = state.controls[index];
+    const set = (name, value) => { if (value !== undefined && value !== null) part(unit, name).value = value; };
+    const model = String(control.model || "").replace(/ \[[0-9a-f]+\]$/i, "");
+    if (state.controlModels.some((m) => m.name === model)) set("model", model);
+    if (state.controlModules.includes(control.module)) set("module", control.module);
+    set("weight", control.weight);
+    set("start", control.guidance_start);
+    set("end", control.guidance_end);
+    set("control-mode", control.control_mode);
+    set("resize-mode", control.resize_mode);
+    part(unit, "processor-res").value = control.processor_res ?? "";
+    part(unit, "threshold-a").value = control.threshold_a ?? "";
+    part(unit, "threshold-b").value = control.threshold_b ?? "";
+  });
+  $("control").open = true;
+}
+
+function setupControls() {
+  $("control-add").addEventListener("click", () => { addControlUnit(); $("control").open = true; });
+  loadControlChoices().catch((error) => { $("control-note").textContent = `could not load control models: ${error}`; });
+}
+
 // -- the request: every field of the native job API, from the inputs of the current mode -------------------
 const number = (id) => Number($(id).value);
 
@@ -255,6 +414,7 @@ function buildRequest() {
   };
   if ($("width").value) body.width = number("width");
   if ($("height").value) body.height = number("height");
+  if (state.controls.length) body.controls = controlRequest();
   if (state.mode === "txt2img") {
     if ($("hires-enable").checked) {
       Object.assign(body, {hires_scale: number("hires-scale"), hires_upscaler: $("hires-upscaler").value,
@@ -390,7 +550,7 @@ async function sendToMode(entry, mode) {
 }
 
 // -- reuse settings: the infotext's parameters back into the fields ----------------------------------------
-function useSettings(p) {
+function useSettings(p, controls) {
   const set = (id, value) => { if (value !== undefined && value !== null && value !== "") setValue(id, value); };
   $("prompt").value = p["Prompt"] || "";
   $("negative").value = p["Negative prompt"] || "";
@@ -425,6 +585,7 @@ function useSettings(p) {
       if ($(`outpaint-${side}`)) setValue(`outpaint-${side}`, value);
     }
   }
+  useControlSettings(controls);
   updateHiresNote();
   applyRecommended();  // the note and placeholders; touched fields keep the image's values
 }
@@ -498,7 +659,7 @@ function card(entry) {
     buttons.appendChild(b);
     return b;
   };
-  button("Reuse settings", () => useSettings(entry.parameters), "reuse");
+  button("Reuse settings", () => useSettings(entry.parameters, entry.controls), "reuse");
   button("To img2img", () => sendToMode(entry, "img2img"), "to-img2img").title = "Send to img2img";
   const remove = button("Delete", async () => {
     if (!remove.classList.contains("confirm")) {  // two clicks: the first asks
@@ -557,6 +718,7 @@ function setup() {
   setupSourceImage();
   setupMaskPainting();
   setupHires();
+  setupControls();
   setupShortcuts();
   $("generate").addEventListener("click", generate);
   $("cancel").addEventListener("click", cancel);
@@ -569,7 +731,7 @@ function setup() {
     setValue("width", h); setValue("height", w); updateHiresNote();
   });
   $("search").addEventListener("input", renderGallery);
-  $("result-reuse").addEventListener("click", () => state.shown && useSettings(state.shown.parameters));
+  $("result-reuse").addEventListener("click", () => state.shown && useSettings(state.shown.parameters, state.shown.controls));
   $("result-to-img2img").addEventListener("click", () => state.shown && sendToMode(state.shown, "img2img"));
   $("result-to-inpaint").addEventListener("click", () => state.shown && sendToMode(state.shown, "inpaint"));
   loadModelsAndSamplers().catch((error) => showError(`could not load models: ${error}`));
