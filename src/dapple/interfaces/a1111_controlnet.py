@@ -44,7 +44,6 @@ from dapple.service.models import UnknownModelError
 API_VERSION = 3  # what the extension's /controlnet/version answers (external_code.get_api_version)
 SCRIPT_NAME = "controlnet"  # the alwayson script's name (A1111 matches it without regard to case)
 MAX_DETECT_IMAGES = 16
-DEFAULT_RESOLUTION = 512  # the extension's processor resolution slider starts here for every module
 RESIZE_ALIASES = {  # the extension's older resize-mode names (external_code.resize_mode_aliases)
     "inner fit (scale to fit)": "Crop and Resize", "scale to fit (inner fit)": "Crop and Resize",
     "outer fit (shrink to fit)": "Resize and Fill", "envelope (outer fit)": "Resize and Fill",
@@ -115,21 +114,14 @@ def _image_and_mask(value: Any, where: str) -> tuple[Any, Any]:
 
 
 def _default_resolution(module: str) -> int | None:
-    """The module's own processor resolution (its slider's start in module_details), else the extension's 512;
-    None for a module without a resolution (its map is the output's size)."""
+    """The module's processor resolution slider's start (module_details; the extension's 512), None for a module
+    that runs at the output's size."""
     from dapple.engine.control_maps import module_details
 
-    detail = module_details().get(module)
-    if not isinstance(detail, dict):
-        return DEFAULT_RESOLUTION
-    sliders = detail.get("sliders")
-    if isinstance(sliders, list):
-        for slider in sliders:
-            if isinstance(slider, dict) and "resolution" in str(slider.get("name", "")).lower():
-                value = slider.get("value")
-                return int(value) if isinstance(value, (int, float)) and value >= 64 else DEFAULT_RESOLUTION
-        return None if sliders or detail.get("model_free") is not None else DEFAULT_RESOLUTION
-    return DEFAULT_RESOLUTION
+    for slider in module_details()[module]["sliders"]:
+        if slider["name"] == "Preprocessor Resolution":
+            return int(slider["value"])
+    return None
 
 
 def _unit_fields(unit: dict[str, Any], label: str, ignored: list[str]) -> tuple[dict[str, Any], bool]:

@@ -5,9 +5,8 @@ POST /api/v1/jobs -> 202 {id, status, position}; GET /jobs/{id}; GET /jobs?statu
 GET /jobs/{id}/events (server-sent events); GET /images (gallery, newest first); GET /images/{id} (PNG with
 infotext); GET /images/{id}/thumbnail; DELETE /images/{id}; GET /samplers, /health; GET /models (each with the
 settings the model recommends, which the studio pre-fills); GET /control/models, /control/modules and POST
-/control/detect (a control unit's detected map, for the studio's preview). sd-webui-controlnet's /controlnet routes
-are a1111_controlnet.py's. The studio is "/" (static files from studio/, and
-/favicon.ico).
+/control/detect (a control unit's detected map, for the studio's preview; sd-webui-controlnet's /controlnet routes
+are a1111_controlnet.py's). The studio is "/" (static files from studio/, and /favicon.ico).
 Bad input never reaches the worker: 422 names the field and what is allowed, 404 lists valid names, 429 asks the
 client to retry, 413 refuses oversized bodies. Files are served by id only.
 """
@@ -34,8 +33,16 @@ from dapple.engine.images import check_encoded_image
 from dapple.errors import InvalidRequestError, ModelLoadError, UnknownSamplerError
 from dapple.infotext import parse_infotext
 from dapple.interfaces import a1111, a1111_controlnet
-from dapple.interfaces.controls import check_units, control_catalog, detect, max_pixels_of, model_title, pipeline_of
-from dapple.interfaces.controls import canonical_module, png_base64
+from dapple.interfaces.controls import (
+    canonical_module,
+    check_units,
+    control_catalog,
+    detect,
+    max_pixels_of,
+    model_title,
+    pipeline_of,
+    png_base64,
+)
 from dapple.interfaces.guard import DEFAULT_MAX_BODY, DEFAULT_MAX_JSON_DEPTH, Guard, HostCheck
 from dapple.models.generation_defaults import RECOMMENDABLE, read_generation_defaults
 from dapple.request import ControlUnit, GenerationRequest, describe_errors, describe_validation_error
