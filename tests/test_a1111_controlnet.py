@@ -264,7 +264,7 @@ GOOD = {"module": "canny", "model": "tiny-cn"}
 def bad_cases() -> list:
     huge = Image.new("L", (5000, 4000))  # 20 M pixels, a few kB as PNG: over the 16.7 M pixel limit
     return [
-        ([{**GOOD, "model": "nope"}], 404, ["args[0].model", "'nope'", "available: tiny-cn, tiny-cn-2"]),
+        ([{**GOOD, "model": "nope"}], 404, ["args[0].model", "'nope'", "available: ", "tiny-cn, tiny-cn-2"]),
         ([{**GOOD, "module": "cany"}], 422, ["args[0].module", "did you mean 'canny'", "allowed: none, canny"]),
         ([{**GOOD, "image": ""}], 422, ["args[0].image is missing"]),
         ([{**GOOD}, {**GOOD, "weight": 3}], 422, ["args[1].weight=3", "allowed: in 0.0..2.0"]),
@@ -331,3 +331,48 @@ def test_webuiapi_units_translate_to_control_unit_fields() -> None:
     assert (old.fields["guidance_end"], old.fields["resize_mode"]) == (0.5, "Just Resize")
     assert controlnet_units({"alwayson_scripts": {"controlnet": {"args": []}}}, "txt2img", []) == []
     assert controlnet_units({}, "txt2img", []) == []
+
+
+# -- the built-in ControlNet ------------------------------------------------------------------------------------------
+def test_the_builtin_canny_controlnet_over_the_a1111_api(tmp_path) -> None:
+    """The built-in model with the built-in ControlNet, as a fresh install serves them: listed first, and a canny
+    unit sent by webuiapi draws the Python API's image (and not the uncontrolled one)."""
+    from dapple.models.control_models import BUILTIN_CONTROLNET_DIR
+
+    if not (BUILTIN_CONTROLNET_DIR / "config.json").is_file():
+        pytest.skip("the built-in ControlNet is not shipped in this checkout")
+    builtin = dapple.load(device="cpu")
+    service = JobService(tmp_path / "data", lambda: builtin)
+    service.start()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(service, model_name=builtin.components.name), host="127.0.0.1",
+                                           port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    try:
+        api = webuiapi.WebUIApi(host="127.0.0.1", port=port)
+        (title,) = [name for name in api.controlnet_model_list() if name.startswith("builtin-canny [")]
+        assert api.controlnet_model_list()[0] == title
+        scene = Image.new("RGB", (64, 64), (40, 60, 200))
+        ImageDraw.Draw(scene).rectangle((8, 30, 30, 54), fill=(220, 30, 30))
+        unit = webuiapi.ControlNetUnit(image=scene, module="canny", model=title, resize_mode="Just Resize",
+                                       processor_res=64, threshold_a=100, threshold_b=200)
+        prompt = "a red square on a blue background"
+        result = api.txt2img(prompt=prompt, controlnet_units=[unit], steps=10, seed=3, sampler_name="Euler",
+                             cfg_scale=5, width=64, height=64)
+        request = dict(prompt=prompt, steps=10, seed=3, sampler="Euler", guidance_scale=5.0, width=64, height=64,
+                       guidance_min_timestep=0)  # A1111 guides every step, whatever the model recommends
+        oracle = builtin.run(make_request(**request, controls=[ControlUnit(
+            model="builtin-canny", image=scene, module="canny", resize_mode="Just Resize", processor_res=64,
+            threshold_a=100, threshold_b=200)])).images[0]
+        assert same(result.images[0], oracle)
+        assert not same(oracle, builtin.run(make_request(**request)).images[0])
+        assert np.array_equal(np.asarray(result.images[1])[..., 0], cv2.Canny(np.asarray(scene), 100, 200))
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        service.stop()
