@@ -52,12 +52,17 @@ BASE: dict[str, list[str]] = {
     "train builtin": ["--out", "OUT/run", "--stop-after", "0"],
     "train export": ["--run", "OUT/no-run", "--out", "OUT/exported"],
     "eval builtin": ["--model", "TINY", "--n", "1", "--steps", "1"],
+    "train controlnet": ["--out", "OUT/cnrun", "--stop-after", "0"],
+    "eval controlnet": ["--model", "OUT/no-controlnet", "--n", "1"],
+    "control detect": ["IMAGE", "--out", "OUT/map.png"],
+    "control modules": [],
+    "control models": [],
     "create-tiny-model": ["OUT/tiny"],
 }
 
 # Base invocations that are refused themselves (a training run takes seconds to make and export): an option whose
 # unusual value is still valid meets this refusal instead.
-BASE_REFUSED = {"train export": "holds no checkpoint.pt"}
+BASE_REFUSED = {"train export": "holds no checkpoint.pt", "eval controlnet": "is not a ControlNet folder"}
 
 # ("" for a number meets the same parse error as "abc", and inf the same bounds as 1e308.)
 INT_VALUES = ["-1", "0", "99999999999999999999", "abc"]
@@ -65,7 +70,7 @@ FLOAT_VALUES = ["-1", "0", "1e308", "nan", "abc"]
 TEXT_VALUES = ["", NOT_UTF8, "zzz unknown"]
 PATH_VALUES = ["", "MISSING", "DIR", "FILE", "BADIMAGE", "BADSAFE", "OUT/" + NOT_UTF8]
 # Where one of these values is a valid request, the command runs: keep those runs short.
-SLOW_WHEN_VALID = {("eval builtin", "n"), ("train builtin", "stop_after"), ("train builtin", "vae_steps"),
+SLOW_WHEN_VALID = {("eval builtin", "n"), ("train controlnet", "stop_after"), ("train builtin", "stop_after"), ("train builtin", "vae_steps"),
                    ("train builtin", "diffusion_steps"), ("inspect schedule", "steps")}
 # Valid values that start seconds of real work: --vae-steps 0 skips stage 1 and evaluates the VAE on 200 images.
 SKIPPED_VALID = {("train builtin", "vae_steps", "0")}

@@ -158,13 +158,15 @@ def test_the_shipped_controlnet_draws_held_out_edges_and_weight_0_is_the_plain_m
     from dapple.train.scorer import score_image
 
     pipe = dapple.load(threads=1)
-    cases = held_out_cases(12, seed=500)  # other scenes than the model card's (seed 0)
+    # Other scenes than the model card's (seed 0). The card measures 88.5% of shape, place and colour right on 200;
+    # with the ControlNet off, 0.5%. 18 of 24 leaves room for sampling noise and none for a ControlNet that fails.
+    cases = held_out_cases(24, seed=500)
     right = 0
     for index, case in enumerate(cases):
         prediction = score_image(generate_case(pipe, "builtin-canny", case, 1.0, seed=index))
         right += (prediction.shape, prediction.position, prediction.colour) == (
             case.scene.spec.shape, case.scene.spec.position, case.scene.spec.colour)
-    assert right >= 10, f"{right} of 12 held-out edge maps gave the right shape, place and colour"
+    assert right >= 18, f"{right} of 24 held-out edge maps gave the right shape, place and colour"
 
     case = cases[0]
     plain = pipe.generate(case.prompt, seed=3).images[0]

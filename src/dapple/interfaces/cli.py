@@ -1503,6 +1503,8 @@ def _write_controlnet_card(model: Path, run: Optional[Path], tables: dict, weigh
         if step < config.steps:  # the same batches, so stopping at the same step gives the same weights
             train += f" --stop-after {step}"
         commands.append(train)
+        if model.resolve() != (run / "model").resolve():
+            commands.append(f"cp -r {run}/model/. DIR   # the run's export (EMA weights)")
     commands.append(f"dapple eval controlnet --model DIR --n {n}" + (f" --seed {seed}" if seed else "")
                     + (f" --weight {weight:g}" if weight != 1 else "") + " --card"
                     + (f" --run {run}" if run is not None else ""))

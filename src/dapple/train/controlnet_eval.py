@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -65,9 +66,13 @@ def evaluate_controlnet(
     on_image: Callable[[int, ControlCase, Image.Image], None] | None = None, **options,
 ) -> AccuracyTable:
     """Generate and grade n held-out cases (image i with seed + i); every attribute is graded."""
+    from dapple.engine.conditioning import UnknownWordsWarning
+
     table = AccuracyTable()
     for index, case in enumerate(held_out_cases(n, seed)):
-        image = generate_case(pipe, model, case, weight, seed + index, **options)
+        with warnings.catch_warnings():  # "shape" is the trained wording, not a user's slip (colours_caption)
+            warnings.simplefilter("ignore", UnknownWordsWarning)
+            image = generate_case(pipe, model, case, weight, seed + index, **options)
         table.add(grade(score_image(image), case.expected))
         if on_image is not None:
             on_image(index, case, image)
