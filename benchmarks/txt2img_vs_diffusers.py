@@ -1,17 +1,27 @@
 """Text-to-image speed and peak memory: Dapple vs diffusers' StableDiffusionPipeline, same machine, one run.
 
 The SD 1.5 architecture (UNet 860M, VAE 84M, CLIP ViT-L/14 text encoder 123M parameters) is built from its
-configs with random weights (nothing is downloaded) and saved once as a diffusers folder. Then Dapple and
-diffusers load that folder and generate with the same sampler, size, steps, seed and guidance, alternately, each
-run in a fresh process so that peak memory is measured per process. Each process warms up with one 1-step image,
-then times --repeats images; shared CPUs are noisy, so the median over all timed images is the headline.
+configs with random weights (nothing is downloaded) and saved once as a diffusers folder. Then each configuration
+loads that folder and generates with the same sampler, size, steps, seed and guidance, in turn, each run in a fresh
+process so that peak memory is measured per process. Each process warms up with one 1-step image, then times
+--repeats images; shared CPUs are noisy, so the median over all timed images is the headline.
+
+Configurations (--configs, comma-separated):
+    dapple            Dapple's default for the device (CPU: bf16 where the CPU has it natively, see precision.py)
+    dapple-fp32       Dapple in float32: the bit-exact reproducible mode
+    dapple-fast       the default plus the "fast" preset's step reuse and token merging (--fast-fields)
+    diffusers         diffusers' StableDiffusionPipeline in float32 (fp16 on CUDA)
+    diffusers-bf16    diffusers in bf16 (torch_dtype=torch.bfloat16)
+    diffusers-bf16-cl diffusers in bf16 with the UNet and VAE in channels-last (diffusers' memory-format advice)
 
     python benchmarks/txt2img_vs_diffusers.py                      # CPU defaults: 256x256, 4 steps, 2 rounds
+    python benchmarks/txt2img_vs_diffusers.py --size 512 --steps 20 --rounds 1 --repeats 1
     python benchmarks/txt2img_vs_diffusers.py --device cuda --size 512 --steps 20 --rounds 3
     python benchmarks/txt2img_vs_diffusers.py --builtin --size 64 --steps 20 --repeats 10   # the built-in model
+    python benchmarks/txt2img_vs_diffusers.py --latent-error --size 256 --steps 20   # bf16 vs fp32, step by step
 
-Prints seconds per image and peak memory (CPU: process peak RSS; CUDA: peak allocated) for each, and the ratio
-Dapple / diffusers (below 1 means Dapple is faster or leaner).
+Prints seconds per image and peak memory (CPU: process peak RSS; CUDA: peak allocated) for each, each one's ratio to
+diffusers fp32 and to diffusers bf16, and each image's PSNR against Dapple's fp32 image.
 """
 
 from __future__ import annotations
@@ -72,37 +82,56 @@ def peak_memory_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports kB
 
 
+def _dtype(name: str, device: str):
+    import torch
+
+    if name.endswith("fp32"):
+        return torch.float32
+    if "bf16" in name:
+        return torch.bfloat16
+    if name.startswith("dapple"):
+        return None  # Dapple's own choice for the device
+    return torch.float16 if device.startswith("cuda") else torch.float32
+
+
 def worker(args: argparse.Namespace) -> None:
-    """One measured run in this process; prints a JSON line."""
+    """One measured run of one configuration in this process; prints a JSON line."""
     import torch
 
     import dapple
     from dapple.samplers import create_scheduler
 
     torch.set_grad_enabled(False)
-    dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
+    config = args.worker
+    dtype = _dtype(config, args.device)
     settings = dict(width=args.size, height=args.size, guidance_scale=7.0)
-    if args.worker == "dapple":
+    if config.startswith("dapple"):
         pipe = dapple.load(args.model_dir, device=args.device, dtype=dtype)
+        extra = json.loads(args.fast_fields) if config == "dapple-fast" else {}
 
         def run(steps: int):
             # guidance at every step, as diffusers does, whatever the model folder recommends
             return pipe.generate(args.prompt, negative_prompt=args.negative, steps=steps, seed=args.seed,
-                                 sampler=args.sampler, guidance_min_timestep=0, **settings).images[0]
+                                 sampler=args.sampler, guidance_min_timestep=0, **settings, **extra).images[0]
+        loaded = str(pipe.components.dtype)
     else:
         from diffusers import StableDiffusionPipeline
 
         pipe = StableDiffusionPipeline.from_pretrained(
             args.model_dir, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
         ).to(args.device)
+        if config.endswith("-cl"):
+            pipe.unet.to(memory_format=torch.channels_last)
+            pipe.vae.to(memory_format=torch.channels_last)
         pipe.set_progress_bar_config(disable=True)
-        config = dict(pipe.scheduler.config)
+        scheduler_config = dict(pipe.scheduler.config)
 
         def run(steps: int):
-            pipe.scheduler = create_scheduler(args.sampler, config, seeds=[args.seed])
+            pipe.scheduler = create_scheduler(args.sampler, scheduler_config, seeds=[args.seed])
             generator = torch.Generator("cpu").manual_seed(args.seed)
             return pipe(args.prompt, negative_prompt=args.negative, num_inference_steps=steps, generator=generator,
                         **settings).images[0]
+        loaded = str(pipe.unet.dtype)
 
     run(1)  # warm-up: kernel selection, allocator
     seconds = []
@@ -116,7 +145,39 @@ def worker(args: argparse.Namespace) -> None:
         seconds.append(time.perf_counter() - started)
     if args.save:
         image.save(args.save)
-    print(json.dumps({"who": args.worker, "seconds": seconds, "peak_mb": peak_memory_mb(args.device)}))
+    print(json.dumps({"who": config, "dtype": loaded, "seconds": seconds, "peak_mb": peak_memory_mb(args.device)}))
+
+
+def latent_error(args: argparse.Namespace) -> None:
+    """Dapple's default dtype against fp32, step by step: the relative error of the latents after each step."""
+    import torch
+
+    import dapple
+
+    torch.set_grad_enabled(False)
+    latents: dict[str, list[torch.Tensor]] = {}
+    for name, dtype in (("fp32", "fp32"), ("default", None)):
+        pipe = dapple.load(args.model_dir, device=args.device, dtype=dtype)
+        steps: list[torch.Tensor] = []
+        pipe.generate(args.prompt, negative_prompt=args.negative, steps=args.steps, seed=args.seed,
+                      sampler=args.sampler, guidance_min_timestep=0, width=args.size, height=args.size,
+                      callback=lambda step, kept=steps: kept.append(step.latents.float().clone()))
+        latents[name] = steps
+        print(f"{name}: {pipe.components.dtype}", file=sys.stderr)
+        del pipe
+    print(f"step  relative error of the default's latents against fp32 ({args.size}x{args.size}, {args.sampler})")
+    for index, (a, b) in enumerate(zip(latents["fp32"], latents["default"])):
+        print(f"{index + 1:>4}  {float((b - a).norm() / a.norm()):.4f}")
+
+
+def psnr(a, b) -> float:
+    import numpy as np
+
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+CONFIGS = ("dapple", "dapple-fp32", "dapple-fast", "diffusers", "diffusers-bf16", "diffusers-bf16-cl")
 
 
 def main() -> None:
@@ -125,14 +186,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--sampler", default="DPM++ 2M Karras")
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=2, help="processes per side, alternating")
+    parser.add_argument("--rounds", type=int, default=2, help="processes per configuration, in turn")
     parser.add_argument("--repeats", type=int, default=3, help="timed images per process")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--configs", default="dapple,dapple-fp32,diffusers,diffusers-bf16",
+                        help="comma-separated, from: " + ", ".join(CONFIGS))
+    parser.add_argument("--fast-fields", default='{"speed": "fast"}',
+                        help="request fields of the dapple-fast configuration (JSON)")
     parser.add_argument("--model-dir", help="reuse (or create) the random SD 1.5 folder here")
     parser.add_argument("--builtin", action="store_true", help="measure Dapple's built-in model instead")
+    parser.add_argument("--latent-error", action="store_true", help="the default dtype's per-step error vs fp32")
     parser.add_argument("--prompt", default=None, help="default: an SD prompt, or a shapes caption with --builtin")
     parser.add_argument("--negative", default=None)
-    parser.add_argument("--worker", choices=["dapple", "diffusers"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
     parser.add_argument("--save", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -153,13 +219,19 @@ def main() -> None:
     if not (Path(args.model_dir) / "model_index.json").exists():
         print(f"building SD 1.5 architecture with random weights in {args.model_dir} ...", file=sys.stderr)
         build_sd15_random(Path(args.model_dir))
+    if args.latent_error:
+        return latent_error(args)
 
-    runs: dict[str, list[dict]] = {"dapple": [], "diffusers": []}
+    configs = [name.strip() for name in args.configs.split(",") if name.strip()]
+    unknown = [name for name in configs if name not in CONFIGS]
+    if unknown:
+        parser.error(f"unknown configuration(s) {', '.join(unknown)}; allowed: {', '.join(CONFIGS)}")
+    runs: dict[str, list[dict]] = {name: [] for name in configs}
     for round_index in range(args.rounds):
-        order = ("dapple", "diffusers") if round_index % 2 == 0 else ("diffusers", "dapple")
+        order = configs if round_index % 2 == 0 else configs[::-1]
         for who in order:
             command = [sys.executable, __file__, "--worker", who, "--model-dir", args.model_dir,
-                       "--prompt", args.prompt, "--negative", args.negative,
+                       "--prompt", args.prompt, "--negative", args.negative, "--fast-fields", args.fast_fields,
                        "--size", str(args.size), "--steps", str(args.steps), "--sampler", args.sampler,
                        "--seed", str(args.seed), "--device", args.device, "--repeats", str(args.repeats),
                        "--save", str(Path(scratch.name) / f"{who}.png")]
@@ -167,28 +239,34 @@ def main() -> None:
             result = json.loads(output.strip().splitlines()[-1])
             runs[who].append(result)
             times = " ".join(f"{t:.2f}" for t in result["seconds"])
-            print(f"round {round_index + 1} {who:<9} {times} s  peak {result['peak_mb']:.0f} MB", file=sys.stderr)
+            print(f"round {round_index + 1} {who:<17} {result['dtype']:<14} {times} s  peak {result['peak_mb']:.0f} MB",
+                  file=sys.stderr)
 
-    all_times = {who: [t for r in rs for t in r["seconds"]] for who, rs in runs.items()}
-    seconds = {who: statistics.median(times) for who, times in all_times.items()}
-    best = {who: min(times) for who, times in all_times.items()}
+    seconds = {who: statistics.median([t for r in rs for t in r["seconds"]]) for who, rs in runs.items()}
     peak = {who: max(r["peak_mb"] for r in rs) for who, rs in runs.items()}
     import numpy as np
     import torch
     from PIL import Image
 
-    pixels = {who: np.asarray(Image.open(Path(scratch.name) / f"{who}.png"), dtype=np.int16) for who in runs}
-    difference = int(np.abs(pixels["dapple"] - pixels["diffusers"]).max())
+    pixels = {who: np.asarray(Image.open(Path(scratch.name) / f"{who}.png")) for who in runs}
+    reference = "dapple-fp32" if "dapple-fp32" in pixels else None
 
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    print(f"{model_name}, {args.size}x{args.size}, {args.steps} steps, {args.sampler}, "
-          f"CFG 7, batch 1, device {args.device} ({machine}), {args.rounds} processes x {args.repeats} images each")
-    print(f"{'':<10} {'median s/image':>15} {'best s/image':>13} {'peak MB':>9}")
-    for who in ("dapple", "diffusers"):
-        print(f"{who:<10} {seconds[who]:>15.2f} {best[who]:>13.2f} {peak[who]:>9.0f}")
-    print(f"{'ratio':<10} {seconds['dapple'] / seconds['diffusers']:>15.3f} {best['dapple'] / best['diffusers']:>13.3f} "
-          f"{peak['dapple'] / peak['diffusers']:>9.3f}   (Dapple / diffusers)")
-    print(f"largest pixel difference between the two images: {difference} of 255")
+    print(f"{model_name}, {args.size}x{args.size}, {args.steps} steps, {args.sampler}, CFG 7, batch 1, device "
+          f"{args.device} ({machine}), {args.rounds} process(es) x {args.repeats} image(s) per configuration")
+    baselines = [name for name in ("diffusers", "diffusers-bf16") if name in seconds]
+    header = f"{'configuration':<18} {'dtype':<15} {'median s/image':>14} {'peak MB':>8}"
+    header += "".join(f" {'x vs ' + name:>19}" for name in baselines) + f" {'peak / diffusers':>16}"
+    header += f" {'PSNR vs dapple-fp32':>20}" if reference else ""
+    print(header)
+    for who in configs:
+        row = f"{who:<18} {runs[who][0]['dtype'].replace('torch.', ''):<15} {seconds[who]:>14.2f} {peak[who]:>8.0f}"
+        row += "".join(f" {seconds[name] / seconds[who]:>19.2f}" for name in baselines)
+        row += f" {peak[who] / peak['diffusers']:>16.2f}" if "diffusers" in peak else f" {'':>16}"
+        if reference:
+            row += f" {psnr(pixels[who], pixels[reference]):>20.1f}"
+        print(row)
+    print("x vs: how many times faster than that configuration (above 1: faster); peak: the process's peak RSS")
     scratch.cleanup()
 
 

@@ -10,8 +10,9 @@ import torch
 from dapple.engine.pipeline import Pipeline
 from dapple.errors import ModelLoadError
 from dapple.models.components import Components
-from dapple.models.devices import choose_threads, to_owned_channels_last
+from dapple.models.devices import choose_threads
 from dapple.models.loader import load_components
+from dapple.models.precision import load_weights_into, vae_dtype
 from dapple.models.quiet import quiet_libraries
 
 from dapple.models.single_file import CHECKPOINT_SUFFIXES, load_single_file, load_vae
@@ -38,7 +39,9 @@ def load(
     """Load a diffusers model folder, a single-file SD 1.x / 2.x checkpoint (.safetensors, as A1111 and ComfyUI
     use), or, online, a hub id; with no path, the built-in model.
 
-    device: None picks CUDA, then MPS, then CPU. dtype: None picks float16 on GPUs and float32 on the CPU.
+    device: None picks CUDA, then MPS, then CPU. dtype: None picks float16 on GPUs; on the CPU bfloat16 for large
+    models (SD's 860M-parameter UNet and up) where the CPU has native bf16, else float32. "fp32" reproduces bit
+    for bit across machines.
     allow_pickle: permit .bin/.ckpt weights (loaded with torch's weights_only mode); off by default.
     prediction_type: "epsilon" or "v_prediction" for a single file whose own markers should be overridden.
     vae: a VAE to use instead of the model's own (a .safetensors file as in A1111's models/VAE, or a folder).
@@ -76,6 +79,8 @@ def swap_vae(components: Components, vae: str | Path, *, allow_pickle: bool = Fa
     if int(loaded.config.latent_channels) != components.latent_channels:
         raise ModelLoadError(f"VAE {vae} has {loaded.config.latent_channels} latent channels; this model's UNet "
                              f"works on {components.latent_channels}")
-    components.vae = to_owned_channels_last(loaded.to(components.device, components.dtype).eval().requires_grad_(False))
+    dtype = vae_dtype(components.dtype, components.device, bool(loaded.config.force_upcast))
+    components.vae = load_weights_into(loaded, [], dtype, channels_last=True).to(components.device).eval() \
+        .requires_grad_(False)
     components.vae_source = str(Path(vae).expanduser())
     components.__dict__.pop("vae_short_hash", None)  # a cached_property of the previous VAE

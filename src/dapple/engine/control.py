@@ -151,7 +151,9 @@ class ControlNetUnit(_Unit):
             return  # off: exactly as without the unit (diffusers adds residuals times 0)
         control = self.map_at(inputs)
         guess_half = self.guess and inputs.guided
-        sample, text, added = inputs.sample, inputs.encoder_hidden_states, inputs.added_cond_kwargs
+        # the ControlNet runs in its own dtype (bf16/fp16 with such a UNet; the latents stay float32)
+        sample = inputs.sample.to(self.model.dtype)
+        text, added = inputs.encoder_hidden_states, inputs.added_cond_kwargs
         if guess_half:  # the conditional half only (the batch is [uncond, cond])
             sample, text = sample.chunk(2)[1], text.chunk(2)[1]
             added = {key: value.chunk(2)[1] for key, value in added.items()} if added else added
@@ -159,7 +161,8 @@ class ControlNetUnit(_Unit):
         extra: dict[str, Any] = {"added_cond_kwargs": added} if added else {}
         condition: Any = control.repeat(images, 1, 1, 1)
         if self.union_type is not None:
-            control_type = torch.zeros(self.model.config.num_control_type, device=sample.device, dtype=sample.dtype)
+            control_type = torch.zeros(self.model.config.num_control_type, device=sample.device,
+                                       dtype=sample.dtype)
             control_type[self.union_type] = 1
             condition = [condition]
             extra.update(control_type=control_type.repeat(images, 1), control_type_idx=[self.union_type])

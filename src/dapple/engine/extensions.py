@@ -103,9 +103,12 @@ class ModelInputs:
             "down_intrablock_additional_residuals": self.down_intrablock_additional_residuals,
             "cross_attention_kwargs": self.cross_attention_kwargs,
         }
-        return unet(self.model_input(), self.timestep, encoder_hidden_states=self.encoder_hidden_states,
-                    added_cond_kwargs=self.added_cond_kwargs, return_dict=False,
-                    **{name: value for name, value in optional.items() if value is not None})[0]
+        # The latents stay float32 (Run.dtype); a bf16/fp16 UNet gets its input in its dtype and the prediction
+        # goes back to the latents' dtype for guidance and the sampler.
+        prediction = unet(self.model_input().to(unet.dtype), self.timestep,
+                          encoder_hidden_states=self.encoder_hidden_states, added_cond_kwargs=self.added_cond_kwargs,
+                          return_dict=False, **{name: value for name, value in optional.items() if value is not None})[0]
+        return prediction.to(self.sample.dtype)
 
 
 def _summed(current: list[torch.Tensor] | None, new: Sequence[torch.Tensor]) -> list[torch.Tensor]:

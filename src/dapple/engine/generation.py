@@ -124,7 +124,9 @@ class Run:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.components.dtype
+        """The latents' dtype: float32 whatever the models run in, so that the sampler's arithmetic over many
+        steps keeps fp32 precision with a bf16/fp16 UNet (the model call casts its input and output)."""
+        return torch.float32
 
     def latent_shape(self, width: int | None = None, height: int | None = None) -> tuple[int, int, int]:
         return self.components.latent_shape(width or self.width, height or self.height)

@@ -316,7 +316,8 @@ class GenerationOptions:
                               help="an A1111 or ComfyUI folder: --model/--vae by name, <lora:name:w> from its LoRAs")
     out = typer.Option(Path("outputs"), help="folder for the PNGs")
     device = typer.Option(None, help="cpu, cuda, cuda:N, mps (default: best available)")
-    dtype = typer.Option(None, help="fp32, fp16, bf16 (default: fp16 on GPU, fp32 on CPU)")
+    dtype = typer.Option(None, help="fp32, fp16, bf16 (default: fp16 on GPU; on the CPU bf16 for SD-sized models "
+                         "where the CPU has native bf16, else fp32; fp32 reproduces bit for bit)")
     allow_pickle = typer.Option(False, help="allow .bin/.ckpt weights (weights_only loading)")
     strength = typer.Option(_defaults["strength"].default, help="denoising strength 0..1: how much changes")
     resize_mode = typer.Option(_defaults["resize_mode"].default, help="just resize | crop and resize | resize and fill")

@@ -1,5 +1,5 @@
-"""Pick the device, dtype and CPU thread count a model runs with: CUDA with fp16 where there is a GPU, float32 on
-the CPU."""
+"""Pick the device, dtype and CPU thread count a model runs with: CUDA with fp16 where there is a GPU; on the CPU
+bf16 for large models where the CPU has native bf16, else float32 (dapple.models.precision says why)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from dapple.errors import ModelLoadError
+from dapple.models.precision import default_dtype
 
 _DTYPES = {
     "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
@@ -50,33 +51,18 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     return torch.device("cpu")
 
 
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """None picks float16 on accelerators and float32 on the CPU (where half precision is slow)."""
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device,
+                  unet_parameters: int | None = None) -> torch.dtype:
+    """A named dtype, or for None the device's default (precision.default_dtype: float16 on accelerators; on the
+    CPU bf16 for models of unet_parameters >= 100M where the CPU has native bf16, else float32)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype is None:
-        return torch.float32 if device.type == "cpu" else torch.float16
+        return default_dtype(device, unet_parameters)
     try:
         return _DTYPES[dtype.lower()]
     except KeyError:
         raise ModelLoadError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}") from None
-
-
-def to_owned_channels_last(module: torch.nn.Module) -> torch.nn.Module:
-    """Copy every weight into memory the module owns, 4-D convolution weights in channels-last (NHWC) layout.
-
-    NHWC lets oneDNN and cuDNN pick faster convolution kernels (the SD VAE decoder runs about a quarter
-    faster on 2 CPU cores). Copying *every* tensor, not only the converted ones, matters: weights loaded from
-    safetensors are views of a memory-mapped file, and one view left behind keeps the whole file mapped, so the
-    file's pages and the converted copies would both count against memory.
-    """
-    with torch.no_grad():
-        for tensor in [*module.parameters(), *module.buffers()]:
-            layout = torch.channels_last if tensor.dim() == 4 else torch.contiguous_format
-            owned = torch.empty_like(tensor, memory_format=layout)
-            owned.copy_(tensor)
-            tensor.data = owned
-    return module
 
 
 # Below this many UNet parameters a model gains little from a second thread (the built-in model: 0.25 s an image on

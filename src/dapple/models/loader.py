@@ -19,8 +19,10 @@ import transformers
 
 from dapple.errors import ModelLoadError, PickleRefusedError
 from dapple.models.components import Components
-from dapple.models.devices import resolve_device, resolve_dtype, to_owned_channels_last
+from dapple.models.devices import resolve_device, resolve_dtype
 from dapple.models.generation_defaults import read_generation_defaults
+from dapple.models.precision import (load_weights_into, parameter_count, safetensors_files, stored_dtype,
+                                    vae_dtype)
 from dapple.models.tokenizer import folder_tokenizer
 from dapple.models.vocabulary import read_vocabulary
 
@@ -71,6 +73,30 @@ def _dtype_kwarg(library_module: Any, dtype: torch.dtype) -> dict[str, torch.dty
     return {"torch_dtype": dtype}
 
 
+def _load_part(folder: Path, cls: type, weight_format: str, device: torch.device,
+               dtype: torch.dtype) -> torch.nn.Module:
+    """One component in `dtype` on `device`, never holding its weights twice (see dapple.models.precision).
+
+    The library loads it in the dtype its files hold, as views of the memory-mapped files (no copy); a different
+    dtype is then read tensor by tensor. The VAE always gets weights of its own, channels-last (a quarter faster
+    decoding); so does a reduced-precision UNet on the CPU (bf16 convolutions: 5.7 s -> 4.6 s a step at 512 px)."""
+    library = transformers if cls.__module__.startswith("transformers") else diffusers
+    files = safetensors_files(folder) if weight_format == "safetensors" else []
+    file_dtype = stored_dtype(files) or dtype
+    try:
+        model = cls.from_pretrained(str(folder), local_files_only=True, use_safetensors=weight_format == "safetensors",
+                                    **_dtype_kwarg(library, file_dtype if files else dtype))
+    except (OSError, ValueError, RuntimeError) as error:
+        raise ModelLoadError(f"{folder}: could not load {cls.__name__}: {error}") from None
+    vae = folder.name == "vae"
+    if vae:
+        dtype = vae_dtype(dtype, device, bool(getattr(model.config, "force_upcast", True)))
+    channels_last = vae or (folder.name == "unet" and device.type == "cpu" and dtype != torch.float32)
+    if vae or channels_last or model.dtype != dtype:
+        model = load_weights_into(model, files, dtype, channels_last=channels_last)
+    return model.to(device).eval().requires_grad_(False)
+
+
 def _download(hub_id: str) -> Path:
     from huggingface_hub import snapshot_download
 
@@ -117,7 +143,7 @@ def load_components(
     xl = index.get("text_encoder_2") is not None  # SDXL: a second text encoder with projection
     weight_formats = _check_weights(root, allow_pickle, WEIGHT_COMPONENTS + (("text_encoder_2",) if xl else ()))
     torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
+    torch_dtype = resolve_dtype(dtype, torch_device, parameter_count(safetensors_files(root / "unet")))
 
     models = {}
     parts = [("text_encoder", ("transformers", "CLIPTextModel")), ("unet", ("diffusers", "UNet2DConditionModel")),
@@ -125,22 +151,8 @@ def load_components(
     if xl:
         parts.append(("text_encoder_2", ("transformers", "CLIPTextModelWithProjection")))
     for name, default in parts:
-        cls = _component_class(index, name, default)
-        library = transformers if cls.__module__.startswith("transformers") else diffusers
-        try:
-            model = cls.from_pretrained(
-                str(root / name),
-                local_files_only=True,
-                use_safetensors=weight_formats[name] == "safetensors",
-                **_dtype_kwarg(library, torch_dtype),
-            )
-        except (OSError, ValueError, RuntimeError) as error:
-            raise ModelLoadError(f"{root / name}: could not load {cls.__name__}: {error}") from None
-        model = model.to(torch_device).eval().requires_grad_(False)
-        if name == "vae":
-            model = to_owned_channels_last(model)  # a quarter faster decoding, no extra memory once loaded
-        models[name] = model
-
+        models[name] = _load_part(root / name, _component_class(index, name, default), weight_formats[name],
+                                  torch_device, torch_dtype)
     return Components(
         tokenizer=folder_tokenizer(root),
         tokenizer_2=folder_tokenizer(root, "tokenizer_2") if xl else None,

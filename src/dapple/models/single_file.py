@@ -34,7 +34,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from dapple.errors import ModelLoadError
 from dapple.files import normal_permissions
 from dapple.models.components import Components
-from dapple.models.devices import resolve_device, resolve_dtype, to_owned_channels_last
+from dapple.models.devices import resolve_device, resolve_dtype
+from dapple.models.precision import load_weights_into, vae_dtype
 from dapple.models.original_layout import (
     CLIP_PREFIX, OPEN_CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX, XL_CLIP_PREFIX, XL_OPEN_CLIP_PREFIX, diffusers_to_open_clip,
     bare_clip_key, is_vae_attention_matrix, open_clip_to_diffusers, unet_key_pairs, vae_key_pairs,
@@ -226,7 +227,9 @@ def load_single_file(
     tensors = read_tensors(path, allow_pickle)
     family = detect_family(tensors)
     torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
+    unet_parameters = sum(tensor.numel() for key, tensor in tensors.items()
+                          if key.startswith(UNET_PREFIX) and tensor.is_floating_point())
+    torch_dtype = resolve_dtype(dtype, torch_device, unet_parameters)
 
     tokenizer = family_tokenizer(family)
     text_encoder, text_encoder_2, tokenizer_2 = _text_encoders(tensors, family, tokenizer, path)
@@ -254,10 +257,16 @@ def load_single_file(
     if prediction_type == "v_prediction":
         unet.register_to_config(sample_size=96)  # SD 2.x v-models are the 768 px ones
 
-    models = [model.to(torch_device, torch_dtype).eval().requires_grad_(False) if model is not None else None
-              for model in (text_encoder, unet, vae, text_encoder_2)]
+    # The VAE, and a reduced-precision UNet on the CPU, get channels-last weights (see models/loader._load_part).
+    unet = load_weights_into(unet, [], torch_dtype, channels_last=torch_device.type == "cpu" and
+                             torch_dtype != torch.float32)
+    vae = load_weights_into(vae, [], vae_dtype(torch_dtype, torch_device, bool(vae.config.force_upcast)),
+                            channels_last=True)
+    models = [model.to(torch_device).eval().requires_grad_(False) if model is not None else None
+              for model in (text_encoder.to(torch_dtype), unet, vae,
+                            text_encoder_2.to(torch_dtype) if text_encoder_2 is not None else None)]
     return Components(
-        tokenizer=tokenizer, text_encoder=models[0], unet=models[1], vae=to_owned_channels_last(models[2]),
+        tokenizer=tokenizer, text_encoder=models[0], unet=models[1], vae=models[2],
         tokenizer_2=tokenizer_2, text_encoder_2=models[3],
         scheduler_config={**SD15_SCHEDULER_CONFIG, "prediction_type": prediction_type},
         name=path.stem, source=str(path),
