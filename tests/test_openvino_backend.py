@@ -96,6 +96,22 @@ def test_inpainting_model_takes_its_extra_channels(inpaint_model_dir, tmp_path) 
     assert (got.pixels - expected.pixels).abs().max() < TOLERANCE
 
 
+def test_vae_tiling_decodes_on_the_torch_decoder(ov_pipe, torch_pipe) -> None:
+    """With tiling on, the kept torch decoder tiles (bounded memory, as asked); the result is the torch one."""
+    latents = torch.randn(1, 4, 40, 40, generator=torch.Generator().manual_seed(4))
+    untiled = ov_pipe.vae.decode(latents).sample
+    for vae in (ov_pipe.vae, torch_pipe.vae):
+        vae.enable_tiling()
+        vae.tile_sample_min_size, vae.tile_latent_min_size = 32, 16  # tiles smaller than the image
+    try:
+        expected = torch_pipe.vae.decode(latents).sample
+        assert torch.equal(ov_pipe.vae.decode(latents).sample, expected)
+        assert (expected - untiled).abs().max() > 1e-3  # it did tile
+    finally:
+        for vae in (ov_pipe.vae, torch_pipe.vae):
+            vae.disable_tiling()
+
+
 def test_vae_decoder_matches_torch_and_slicing(ov_pipe, torch_pipe) -> None:
     latents = torch.randn(2, 4, 11, 7, generator=torch.Generator().manual_seed(3))
     expected = torch_pipe.vae.decode(latents, return_dict=False)[0]
@@ -212,6 +228,11 @@ def test_what_the_compiled_unet_cannot_run_is_refused(ov_pipe) -> None:
     request = dapple.GenerationRequest(prompt="x", steps=1)
     with pytest.raises(InvalidRequestError, match="'patches-unet' patches the torch UNet"):
         ov_pipe.run(request, extensions=[_PatchesUNet()])
+    for fields in ({"deep_cache_interval": 3}, {"token_merging_ratio": 0.5}):  # the built-in UNet patchers
+        with pytest.raises(InvalidRequestError, match='patches the torch UNet.*backend="torch"'):
+            ov_pipe.run(dapple.GenerationRequest(prompt="x", steps=1, **fields))
+    with pytest.raises(InvalidRequestError, match="attention slicing"):
+        ov_pipe.set_memory({"attention_slicing": True})
     sample, states = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 32)
     with pytest.raises(InvalidRequestError, match="ControlNet residuals"):
         ov_pipe.unet(sample, 1, encoder_hidden_states=states, mid_block_additional_residual=torch.zeros(1))
@@ -267,3 +288,23 @@ def test_cli_refuses_before_loading(args, message, tmp_path) -> None:
     assert result.exit_code != 0
     assert message in result.output
     assert openvino_backend.conversions == before
+
+
+def test_a1111_api_answers_what_the_backend_refuses_with_422(ov_pipe, tmp_path) -> None:
+    """Over HTTP, a LoRA on the OpenVINO backend is the client's mistake (422 naming the torch backend), never a
+    500; a plain request generates and records the backend."""
+    from fastapi.testclient import TestClient
+
+    from dapple.interfaces.server import create_app
+    from dapple.service.jobs import JobService
+
+    service = JobService(tmp_path / "data", lambda: ov_pipe, queue_size=2)
+    service.start()
+    try:
+        with TestClient(create_app(service)) as client:
+            refused = client.post("/sdapi/v1/txt2img", json={"prompt": "x <lora:style:1>", "steps": 1})
+            assert refused.status_code == 422 and 'backend=\\"torch\\"' in refused.text
+            done = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 1, "width": 64, "height": 64})
+            assert done.status_code == 200 and "Backend: openvino" in done.json()["info"]
+    finally:
+        service.stop()
