@@ -29,7 +29,7 @@ Interval 1 is off: the extension is then not added at all, so the loop is exactl
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -107,8 +107,6 @@ class DeepCache(Extension):
     @contextmanager
     def patched(self, unet: torch.nn.Module) -> Iterator[None]:
         """Wrap the deep blocks of `unet` for as long as this is held (the run); restore them on any exit."""
-        from contextlib import ExitStack
-
         self._reset()
         with ExitStack() as stack:
             for name, module in deep_modules(unet):

@@ -228,11 +228,14 @@ class TokenMerging(Extension):
             return
         x = _first_tensor(args, kwargs, "hidden_states")
         height, width = grid_at_level(*self._size, self._level)
-        if x.ndim != 3 or x.shape[1] != height * width or x.shape[0] % len(self._generators):
+        if x.ndim != 3 or x.shape[1] != height * width:
             return  # not the token grid this call was set up for: leave the block as it is
         cells_h, cells_w = height // self.sy, width // self.sx
-        choice = (destination_choice(self._generators, x.shape[0], cells_h, cells_w, self.sx, self.sy)
-                  if self.use_rand and cells_h and cells_w else None)
+        random = self.use_rand and cells_h and cells_w and self._generators
+        if random and x.shape[0] % len(self._generators):
+            return  # rows that are not copies of the run's images: leave the block as it is
+        choice = destination_choice(self._generators, x.shape[0], cells_h, cells_w, self.sx, self.sy) if random \
+            else None
         self._current[id(block)] = bipartite_soft_matching_2d(x, width, height, int(x.shape[1] * self._ratio),
                                                               self.sx, self.sy, choice)
 
