@@ -139,6 +139,23 @@ def test_a_second_load_reads_the_cache(tiny_model_dir, ov_cache, ov_pipe) -> Non
                        ov_pipe.unet(sample, 10, encoder_hidden_states=states).sample)
 
 
+def test_the_torch_unet_is_freed_before_openvino_compiles(tiny_model_dir, ov_cache, ov_pipe, monkeypatch) -> None:
+    """Peak memory: never the torch UNet and the compiled one at once (here on a cache hit)."""
+    import weakref
+
+    from dapple.models.loader import load_components
+
+    components = load_components(tiny_model_dir, device="cpu", dtype="fp32")
+    torch_unet = weakref.ref(components.unet)
+    alive_at_compile = []
+    compile_ = openvino_backend._compile
+    monkeypatch.setattr(openvino_backend, "_compile",
+                        lambda *args: (alive_at_compile.append(torch_unet() is not None), compile_(*args))[1])
+    openvino_backend.use_openvino(components, cache_dir=ov_cache, threads=1)
+    assert alive_at_compile == [False, False]  # the UNet's compile, then the decoder's
+    assert isinstance(components.unet, OpenVINOUNet)
+
+
 def test_the_cache_key_follows_weights_precision_and_dtype(torch_pipe) -> None:
     unet = torch_pipe.unet
     key = openvino_backend.cache_key("unet", unet, None, "f32")

@@ -24,6 +24,7 @@ openvino is imported only when this backend is used, so Dapple runs without it.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -377,24 +378,33 @@ def _array(tensor: torch.Tensor) -> np.ndarray:
 
 
 def compile_unet(unet: torch.nn.Module, *, source: str | None, xl: bool, cache_dir: str | Path | None = None,
-                 threads: int | None = None, static_shapes: bool = False) -> OpenVINOUNet:
-    """The OpenVINO stand-in for a torch UNet (from the cache, else converted and cached); the caller then drops
-    the torch UNet. Precision follows the UNet's dtype. static_shapes: compile per input shape (_StaticCompiler)
-    instead of once for all shapes."""
+                 threads: int | None = None, static_shapes: bool = False,
+                 release: Callable[[], None] | None = None) -> OpenVINOUNet:
+    """The OpenVINO stand-in for a torch UNet (from the cache, else converted and cached). Precision follows the
+    UNet's dtype. static_shapes: compile per input shape (_StaticCompiler) instead of once for all shapes.
+    release: called as soon as the torch UNet is no longer needed (once the cache entry exists, before
+    compiling), so that a caller who drops its last reference there never holds both models at once."""
     if unet.device.type != "cpu":
         raise ModelLoadError(f"the OpenVINO backend runs on the CPU; this model is on {unet.device} "
                              "(load it with device='cpu', or keep backend='torch' on a GPU)")
-    precision = precision_hint(unet.dtype)
+    config, dtype, parameters = unet.config, unet.dtype, unet.num_parameters()
+    precision = precision_hint(dtype)
     folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     key = cache_key("unet", unet, source, precision, {"xl": xl})
+    holder = [unet]  # the closure's reference, dropped below
+    del unet
 
     def convert() -> Any:
-        example, inputs = _unet_example(unet, xl)
-        return _convert(_UNetGraph(unet, xl), example, inputs)
+        example, inputs = _unet_example(holder[0], xl)
+        return _convert(_UNetGraph(holder[0], xl), example, inputs)
 
     model = _cached_model(folder, key, convert, compress=precision != "f32")
+    if release is not None:
+        holder.clear()
+        release()
+        gc.collect()  # the torch weights go back before OpenVINO allocates its own
     compiled = _StaticCompiler(model, precision, threads) if static_shapes else _compile(model, precision, threads)
-    return OpenVINOUNet(compiled, unet.config, unet.dtype, unet.num_parameters(), xl, key)
+    return OpenVINOUNet(compiled, config, dtype, parameters, xl, key)
 
 
 def compile_decoder(vae: torch.nn.Module, *, source: str | None, cache_dir: str | Path | None = None,
@@ -430,8 +440,12 @@ def use_openvino(components: Any, *, cache_dir: str | Path | None = None, thread
     """Swap the components' UNet (and the VAE's decoder) for compiled OpenVINO models, freeing the torch UNet."""
     import_openvino()  # the install hint before any work
     source = components.source
+
+    def release() -> None:
+        components.unet = None  # the last reference to the torch UNet (dapple.load holds no other)
+
     components.unet = compile_unet(components.unet, source=source, xl=components.is_xl, cache_dir=cache_dir,
-                                   threads=threads, static_shapes=static_shapes)
+                                   threads=threads, static_shapes=static_shapes, release=release)
     if decoder:
         vae_source = _vae_weights(components)
         install_decoder(components.vae, compile_decoder(components.vae, source=vae_source, cache_dir=cache_dir,
