@@ -1,4 +1,10 @@
-"""Latent space: seeded initial noise, VAE decoding, and the cheap latent -> RGB preview."""
+"""Latent space: seeded initial noise, VAE encoding and decoding, and the cheap latent -> RGB preview.
+
+The VAE's memory switches are diffusers' own attributes on the model (models/memory.py sets them):
+``use_slicing`` decodes one image of a batch at a time, ``use_tiling`` decodes overlapping tiles of
+``tile_latent_min_size`` latents and blends their borders (diffusers' AutoencoderKL.tiled_decode, reused as it
+is), for latents larger than one tile. A VAE under model CPU offload is lent to its device for each call.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,8 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL
 from PIL import Image
+
+from dapple.models.memory import execution_device, lent
 
 
 def make_generators(seeds: Sequence[int]) -> list[torch.Generator]:
@@ -38,18 +46,34 @@ def encode(
     vae: AutoencoderKL, images: torch.Tensor, generators: Sequence[torch.Generator], scaling_factor: float
 ) -> torch.Tensor:
     """Scaled latents of images in [-1, 1]: one posterior sample per image, image i drawn from generators[i]
-    (diffusers' retrieve_latents with sample_mode="sample"). A single image is shared by the whole batch."""
-    images = images.to(device=vae.device, dtype=vae.dtype)
-    latents = [
-        vae.encode(images[min(i, len(images) - 1)][None]).latent_dist.sample(generator=generator)
-        for i, generator in enumerate(generators)
-    ]
+    (diffusers' retrieve_latents with sample_mode="sample"). A single image is shared by the whole batch.
+    Images larger than a tile are encoded in tiles when the VAE's use_tiling is on."""
+    with lent(vae):
+        images = images.to(device=execution_device(vae), dtype=vae.dtype)
+        latents = [
+            vae.encode(images[min(i, len(images) - 1)][None]).latent_dist.sample(generator=generator)
+            for i, generator in enumerate(generators)
+        ]
     return torch.cat(latents) * scaling_factor
 
 
 def decode(vae: AutoencoderKL, latents: torch.Tensor, scaling_factor: float) -> torch.Tensor:
-    """VAE-decode latents to images in [0, 1], shape (batch, 3, H, W), float32."""
-    images = vae.decode(latents.to(vae.dtype) / scaling_factor, return_dict=False)[0]
+    """VAE-decode latents to images in [0, 1], shape (batch, 3, H, W), float32, on the latents' device.
+
+    With the VAE's use_slicing on, one image at a time: each is converted to float32 in [0, 1] and moved off the
+    device before the next one decodes, so the device never holds the batch's decoded images. With use_tiling on,
+    latents larger than a tile go through diffusers' tiled_decode (in vae.decode)."""
+    with lent(vae):
+        device = execution_device(vae)
+        batches = latents.split(1) if getattr(vae, "use_slicing", False) else [latents]
+        images = [_decode_batch(vae, batch.to(device, vae.dtype) / scaling_factor).to(latents.device)
+                  for batch in batches]
+    return images[0] if len(images) == 1 else torch.cat(images)
+
+
+def _decode_batch(vae: AutoencoderKL, scaled: torch.Tensor) -> torch.Tensor:
+    # vae.decode itself tiles when use_tiling is on and the latents are larger than one tile.
+    images = vae.decode(scaled, return_dict=False)[0]
     return (images.float() / 2 + 0.5).clamp(0, 1)
 
 
