@@ -105,7 +105,7 @@ def blend_mask(size: int):
     import numpy as np
 
     line = np.zeros(size, dtype=bool)
-    for start in range(STRIDE, size, STRIDE):
+    for start in range(STRIDE, size if size > TILE else 0, STRIDE):  # one tile's worth is decoded untiled
         line[start:start + BLEND] = True
     return line[:, None] | line[None, :]
 
@@ -114,7 +114,10 @@ def seam_ratio(image, size: int) -> float:
     """Mean |pixel step| across the tile lines (each tile's start and blend end) over the mean step elsewhere."""
     import numpy as np
 
-    lines = sorted({edge for start in range(STRIDE, size, STRIDE) for edge in (start, start + BLEND) if edge < size})
+    lines = sorted({edge for start in range(STRIDE, size if size > TILE else 0, STRIDE)
+                    for edge in (start, start + BLEND) if edge < size})
+    if not lines:  # the image fits one tile
+        return float("nan")
     steps_y = np.abs(np.diff(image, axis=0)).mean(axis=(1, 2))  # step between row r-1 and r at index r-1
     steps_x = np.abs(np.diff(image, axis=1)).mean(axis=(0, 2))
     at = np.zeros(size - 1, dtype=bool)
