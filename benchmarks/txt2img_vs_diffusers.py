@@ -10,6 +10,8 @@ Configurations (--configs, comma-separated):
     dapple            Dapple's default for the device (CPU: bf16 where the CPU has it natively, see precision.py)
     dapple-fp32       Dapple in float32: the bit-exact reproducible mode
     dapple-fast       the default plus the "fast" preset's step reuse and token merging (--fast-fields)
+    dapple-openvino   the default dtype on the optional OpenVINO backend (dapple[openvino]; the conversion is
+                      cached on disk, so run it once before timing: the first load converts for a minute or two)
     diffusers         diffusers' StableDiffusionPipeline in float32 (fp16 on CUDA)
     diffusers-bf16    diffusers in bf16 (torch_dtype=torch.bfloat16)
     diffusers-bf16-cl diffusers in bf16 with the UNet and VAE in channels-last (diffusers' memory-format advice)
@@ -106,7 +108,8 @@ def worker(args: argparse.Namespace) -> None:
     dtype = _dtype(config, args.device)
     settings = dict(width=args.size, height=args.size, guidance_scale=7.0)
     if config.startswith("dapple"):
-        pipe = dapple.load(args.model_dir, device=args.device, dtype=dtype)
+        backend = {"backend": "openvino"} if config == "dapple-openvino" else {}
+        pipe = dapple.load(args.model_dir, device=args.device, dtype=dtype, **backend)
         extra = json.loads(args.fast_fields) if config == "dapple-fast" else {}
 
         def run(steps: int):
@@ -177,7 +180,7 @@ def psnr(a, b) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
-CONFIGS = ("dapple", "dapple-fp32", "dapple-fast", "diffusers", "diffusers-bf16", "diffusers-bf16-cl")
+CONFIGS = ("dapple", "dapple-fp32", "dapple-fast", "dapple-openvino", "diffusers", "diffusers-bf16", "diffusers-bf16-cl")
 
 
 def main() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -10,7 +11,9 @@ import torch
 from dapple.engine.pipeline import Pipeline
 from dapple.errors import ModelLoadError
 from dapple.models.components import Components
-from dapple.models.devices import choose_threads
+from dapple.models.devices import choose_threads, resolve_device, resolve_dtype
+from dapple.models.memory import MemoryOptions, is_out_of_memory, plan
+from dapple.models import openvino_backend
 from dapple.models.loader import load_components
 from dapple.models.precision import load_weights_into, vae_dtype
 from dapple.models.quiet import quiet_libraries
@@ -35,6 +38,9 @@ def load(
     embedding_dirs: Sequence[str | Path] = (),
     threads: int | None = None,
     control_dirs: Sequence[str | Path] = (),
+    backend: str = "torch",
+    openvino_cache_dir: str | Path | None = None,
+    memory: str | MemoryOptions | dict | None = None,
 ) -> Pipeline:
     """Load a diffusers model folder, a single-file SD 1.x / 2.x checkpoint (.safetensors, as A1111 and ComfyUI
     use), or, online, a hub id; with no path, the built-in model.
@@ -52,7 +58,18 @@ def load(
     holds a core), else the physical cores this process may use.
     control_dirs: folders of ControlNets and T2I-Adapters (as A1111's models/ControlNet), which request units
     name; the built-in "builtin-canny" is always there.
+    backend: "torch" (default) or "openvino": the UNet and the VAE decoder run as compiled OpenVINO models on the
+    CPU (`pip install "dapple[openvino]"`; precision follows dtype: bf16 or f32), converted once and cached in
+    openvino_cache_dir (default ~/.cache/dapple/openvino). It refuses ControlNets, T2I-Adapters and LoRAs
+    (see dapple.models.openvino_backend).
+    memory: "medvram" (model CPU offload + VAE slicing), "lowvram" (sequential offload + attention slicing + VAE
+    slicing + VAE tiling), MemoryOptions(...) for single switches, or None (all off, the fastest). Offload works on
+    CUDA; on the CPU the presets keep only what helps there (pipe.memory_notes says what was left out). Change it
+    later with pipe.set_memory(...). See docs/memory.md.
     """
+    if openvino_backend.check_backend(backend) == "openvino":
+        openvino_backend.import_openvino()  # the install hint before the model loads
+        device = "cpu" if device is None else device  # OpenVINO's CPU plugin; a GPU is refused below
     if path is None:
         if not (BUILTIN_MODEL_DIR / "model_index.json").is_file():
             raise ModelLoadError(
@@ -60,6 +77,36 @@ def load(
                 "shipped yet"
             )
         path = BUILTIN_MODEL_DIR
+    target = resolve_device(device)
+    options, _ = plan(memory, target)  # bad memory options fail before anything loads
+    if options.offload is not None:
+        # Offloaded models rest in CPU memory: load them there, in the dtype the GPU runs (the whole model never
+        # has to fit in GPU memory at once).
+        device, dtype = "cpu", resolve_dtype(dtype, target)
+    try:
+        components = _load(path, device, dtype, allow_pickle, prediction_type, vae)
+    except Exception as error:
+        if not is_out_of_memory(error):
+            raise
+        from dapple.errors import NotEnoughMemoryError
+
+        raise NotEnoughMemoryError(
+            f"not enough memory to load {path} on {target} ({str(error).splitlines()[0][:200]}); try "
+            + ("memory='lowvram' (--lowvram), " if target.type == "cuda" else "")
+            + "a smaller dtype (--dtype fp16 / bf16) or a smaller model") from None
+    if options.offload is not None:
+        components.execution_device = target  # where the pipeline's memory options put the models to work
+    torch.set_num_threads(choose_threads(threads, components.unet.num_parameters()))
+    if backend == "openvino":
+        openvino_backend.use_openvino(components, cache_dir=openvino_cache_dir, threads=torch.get_num_threads())
+        gc.collect()  # the torch UNet's weights go back now, before the first run
+    return Pipeline(components, limits=limits, lora_dirs=lora_dirs, embedding_dirs=embedding_dirs,
+                    allow_pickle=allow_pickle, control_dirs=control_dirs, memory=memory)
+
+
+def _load(path: str | Path, device: str | torch.device | None, dtype: str | torch.dtype | None, allow_pickle: bool,
+          prediction_type: str | None, vae: str | Path | None) -> Components:
+    """The components of a single file or a folder (with `vae` swapped in) on `device`."""
     with quiet_libraries():
         if Path(path).expanduser().is_file() and Path(path).suffix.lower() in CHECKPOINT_SUFFIXES:
             components = load_single_file(path, device=device, dtype=dtype, allow_pickle=allow_pickle,
@@ -68,9 +115,7 @@ def load(
             components = load_components(path, device=device, dtype=dtype, allow_pickle=allow_pickle)
         if vae is not None:
             swap_vae(components, vae, allow_pickle=allow_pickle)
-    torch.set_num_threads(choose_threads(threads, components.unet.num_parameters()))
-    return Pipeline(components, limits=limits, lora_dirs=lora_dirs, embedding_dirs=embedding_dirs,
-                    allow_pickle=allow_pickle, control_dirs=control_dirs)
+    return components
 
 
 def swap_vae(components: Components, vae: str | Path, *, allow_pickle: bool = False) -> None:

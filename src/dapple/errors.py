@@ -45,3 +45,7 @@ class PickleRefusedError(ModelLoadError):
 
 class GenerationCancelled(DappleError):
     """A generation was stopped through its cancel token."""
+
+
+class NotEnoughMemoryError(DappleError):
+    """An allocation failed (GPU or CPU memory); the message names the memory options to use."""

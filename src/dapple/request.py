@@ -49,6 +49,14 @@ CONTROL_RESIZE_MODES = ("Just Resize", "Crop and Resize", "Resize and Fill")
 MAX_CONTROL_UNITS = 8
 
 
+# Speed presets: the step reuse and token merging each turns on. "quality" is exact (the image is the plain loop's);
+# "fast" was chosen from benchmarks/quality_presets.py and benchmarks/txt2img_vs_diffusers.py (docs/performance.md).
+SPEED_PRESETS: dict[str, dict[str, float]] = {
+    "quality": {},
+    "fast": {"deep_cache_interval": 2, "token_merging_ratio": 0.5},
+}
+
+
 class ControlUnit(BaseModel):
     """One ControlNet or T2I-Adapter unit: a control model, its image and how strongly and when it steers.
 
@@ -152,6 +160,19 @@ class GenerationRequest(BaseModel):
     hires_steps: int = Field(0, ge=0, le=150, description="second-pass steps; 0: the same as steps")
     hires_strength: float = Field(0.7, ge=0.0, le=1.0, description="second-pass denoising strength")
 
+    # -- speed: step reuse and token reduction (loop extensions; the defaults are off, and off is exact) -------
+    speed: str = Field("quality", description="a speed preset: " + ", ".join(
+        f"{name} ({', '.join(f'{k}={v}' for k, v in values.items()) or 'exact: nothing approximated'})"
+        for name, values in SPEED_PRESETS.items()) + "; fields set explicitly win over the preset")
+    deep_cache_interval: int = Field(
+        1, ge=1, le=10, description="DeepCache (Ma et al. 2024): run the full UNet on every N-th step and only "
+        "its shallow blocks, with the cached deep features, on the steps between. 1: off (every step is full)")
+    token_merging_ratio: float = Field(
+        0.0, ge=0.0, le=0.9, description="ToMe for SD (Bolya & Hoffman 2023): the fraction of tokens merged "
+        "before self-attention in the highest-resolution transformer blocks (A1111's token_merging_ratio). 0: off")
+    token_merging_ratio_hr: float = Field(
+        0.0, ge=0.0, le=0.9, description="the hires pass's token merging ratio; 0: the same as token_merging_ratio")
+
     # -- control and extensions ------------------------------------------------------------------------------
     controls: list[ControlUnit] = Field(default_factory=list, max_length=MAX_CONTROL_UNITS,
                                         description="ControlNet / T2I-Adapter units, applied together")
@@ -173,6 +194,19 @@ class GenerationRequest(BaseModel):
     @classmethod
     def _hires_upscaler(cls, value: Any) -> str:
         return _choose(value, HIRES_UPSCALERS, "hires_upscaler")
+
+    @field_validator("speed", mode="before")
+    @classmethod
+    def _known_speed(cls, value: Any) -> Any:
+        return _choose(value, tuple(SPEED_PRESETS), "speed")
+
+    def speed_settings(self) -> dict[str, float]:
+        """The effective deep_cache_interval, token_merging_ratio and token_merging_ratio_hr: the preset's values
+        for the ones the request did not set itself."""
+        names = ("deep_cache_interval", "token_merging_ratio", "token_merging_ratio_hr")
+        preset = SPEED_PRESETS[self.speed]
+        return {name: getattr(self, name) if name in self.model_fields_set or name not in preset else preset[name]
+                for name in names}
 
     @model_validator(mode="after")
     def _inputs_fit_the_mode(self) -> "GenerationRequest":

@@ -124,6 +124,9 @@ class Extension:
 
     name: str = "extension"
     order: int = ORDER_USER
+    # True for extensions that patch the torch UNet's modules (feature caching, token merging): a pipeline on
+    # the OpenVINO backend, which has no torch UNet, refuses them before the run (models/openvino_backend.py).
+    needs_torch_unet: bool = False
 
     def patch(self, run: Any) -> AbstractContextManager | None:
         """A context manager to hold for the whole run (entered before the first step, always exited)."""

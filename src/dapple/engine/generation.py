@@ -31,6 +31,7 @@ from dapple.engine.prompt_syntax import extract_extra_networks
 from dapple.infotext import format_infotext
 from dapple.models.components import Components
 from dapple.models.embeddings import name_pattern
+from dapple.models.memory import lent, stage_models
 from dapple.request import MAX_SEED, GenerationRequest, GenerationResult
 from dapple.samplers import SamplerChoice, create_scheduler, resolve_sampler, set_timesteps
 
@@ -154,13 +155,18 @@ class Run:
         clock = time.perf_counter()
         merged = merge_hooks(self.hooks, hooks)
         pass_extensions = [self.input_channels] if self.input_channels is not None else []
-        latents = denoise(
-            self.components.unet, scheduler, latents, self.conditioning, self.request.guidance_scale,
-            timesteps=timesteps, generators=self.generators, hooks=merged,
-            previewer=make_previewer(self.components), phase=phase,
-            extensions=self.extensions.merged([*pass_extensions, *extensions]),
-            guidance_min_timestep=self.request.guidance_min_timestep,
-        )
+        pass_extensions = self.extensions.merged([*pass_extensions, *extensions])
+        # Under CPU offload the UNet stage borrows the UNet and its ControlNets/adapters (and, for an inpainting
+        # UNet, the VAE: its default input channels encode a grey image inside the loop).
+        vae = self.components.vae if self.components.unet_kind == "inpainting" else None
+        with lent(self.components.unet, *stage_models(pass_extensions), vae):
+            latents = denoise(
+                self.components.unet, scheduler, latents, self.conditioning, self.request.guidance_scale,
+                timesteps=timesteps, generators=self.generators, hooks=merged,
+                previewer=make_previewer(self.components), phase=phase,
+                extensions=pass_extensions,
+                guidance_min_timestep=self.request.guidance_min_timestep,
+            )
         key = "denoise" if phase == "sampling" else f"denoise_{phase}"
         self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - clock
         return latents
@@ -216,16 +222,17 @@ def begin_run(
     warn_unknown_words(prompt, request.negative_prompt, components.vocabulary)
     prompt, negative = expand_embeddings(prompt, components), expand_embeddings(request.negative_prompt, components)
     clock = time.perf_counter()
-    if components.is_xl:
-        conditioning = encode_prompt_xl(
-            (components.tokenizer, components.tokenizer_2), (components.text_encoder, components.text_encoder_2),
-            prompt, negative, guidance_scale=request.guidance_scale, batch_size=len(seeds),
-        ).with_time_ids(height, width)
-    else:
-        conditioning = encode_prompt(
-            components.tokenizer, components.text_encoder, prompt, negative,
-            guidance_scale=request.guidance_scale, batch_size=len(seeds),
-        )
+    with lent(components.text_encoder, components.text_encoder_2):  # the text-encoder stage (CPU offload)
+        if components.is_xl:
+            conditioning = encode_prompt_xl(
+                (components.tokenizer, components.tokenizer_2), (components.text_encoder, components.text_encoder_2),
+                prompt, negative, guidance_scale=request.guidance_scale, batch_size=len(seeds),
+            ).with_time_ids(height, width)
+        else:
+            conditioning = encode_prompt(
+                components.tokenizer, components.text_encoder, prompt, negative,
+                guidance_scale=request.guidance_scale, batch_size=len(seeds),
+            )
     run = Run(components, request, choice, seeds, width, height, conditioning, make_generators(seeds),
               hooks or StepHooks(), Extensions(extensions), default_input_channels(components))
     run.timings["encode_prompt"] = time.perf_counter() - clock

@@ -26,11 +26,15 @@ from PIL import Image
 from dapple.engine.conditioning import Conditioning, encode_prompt, encode_prompt_xl
 from dapple.engine.control import control_extensions
 from dapple.engine.extensions import Extension, requested_extensions
+from dapple.engine.feature_cache import deep_cache_extension
 from dapple.engine.hooks import CancelToken, StepContext, StepHooks
 from dapple.engine.latents import decode, seeded_noise, to_pil
 from dapple.engine.modes import run_request
 from dapple.engine.prompt_syntax import ExtraNetwork, extract_extra_networks
+from dapple.engine.token_merging import token_merging_extension
 from dapple.errors import GenerationCancelled, InvalidRequestError
+from dapple.models import memory as memory_options
+from dapple.models import openvino_backend
 from dapple.models.components import Components
 from dapple.models.control_models import (
     ControlModelEntry, find_control_model, list_control_models, load_control_model, weight_file,
@@ -48,13 +52,44 @@ logger = logging.getLogger("dapple")
 CONTROL_CACHE_SIZE = 4  # loaded control models kept on the device (an SD 1.5 ControlNet is ~700 MB in fp16)
 
 
+class BackendInfotext(Extension):
+    """Records a non-torch backend in the image's parameters ("Backend: openvino"): its pixels differ slightly."""
+
+    name = "backend"
+
+    def __init__(self, entries: dict[str, str]) -> None:
+        self.entries = entries
+
+    def infotext(self) -> dict[str, str]:
+        return dict(self.entries)
+
+
+def backend_extensions(components: Components) -> list[Extension]:
+    entries = openvino_backend.infotext(components)
+    return [BackendInfotext(entries)] if entries else []
+
+
+def speed_extensions(request: GenerationRequest) -> list[Extension]:
+    """The request's step reuse and token reduction (DeepCache, ToMe); none when they are off (the defaults), so
+    that the loop is then exactly what it is without them."""
+    speed = request.speed_settings()  # the speed preset's values under the ones the request set itself
+    made = [deep_cache_extension(int(speed["deep_cache_interval"])),
+            token_merging_extension(speed["token_merging_ratio"], speed["token_merging_ratio_hr"],
+                                    hires=request.hires_scale > 1)]
+    return [extension for extension in made if extension is not None]
+
+
 class Pipeline:
     """A Stable Diffusion model ready to generate. Built by dapple.load(); holds no per-run state."""
 
     def __init__(self, components: Components, *, limits: Limits | None = None,
                  lora_dirs: Sequence[str | Path] = (), embedding_dirs: Sequence[str | Path] = (),
-                 allow_pickle: bool = False, control_dirs: Sequence[str | Path] = ()) -> None:
+                 allow_pickle: bool = False, control_dirs: Sequence[str | Path] = (),
+                 memory: str | memory_options.MemoryOptions | None = None) -> None:
         self.components = components
+        self._memory = memory_options.MemoryState(components)
+        if memory is not None:
+            self.set_memory(memory)
         self.limits = limits or Limits()
         self._scheduler: SchedulerMixin | None = None
         self.lora_dirs: list[Path] = [Path(folder) for folder in lora_dirs]  # where <lora:name:w> looks
@@ -107,6 +142,22 @@ class Pipeline:
     def dtype(self) -> torch.dtype:
         return self.components.dtype
 
+    @property
+    def memory(self) -> memory_options.MemoryOptions:
+        """The memory options in force (dapple.models.memory.MemoryOptions); change them with set_memory."""
+        return self._memory.options
+
+    def set_memory(self, memory: str | memory_options.MemoryOptions | dict | None) -> memory_options.MemoryOptions:
+        """Change the memory options of this loaded pipeline: "medvram", "lowvram", MemoryOptions(...), a dict of
+        its fields, or None (all off). Returns the options in force on this device; switches a preset leaves out
+        here (offload on the CPU) are in `memory_notes`. Images are unchanged, except with VAE tiling."""
+        return self._memory.apply(memory)
+
+    @property
+    def memory_notes(self) -> list[str]:
+        """What the last set_memory left out on this device, and why (e.g. no offload on the CPU)."""
+        return list(self._memory.notes)
+
     def make_scheduler(self, sampler: str, seeds: Sequence[int] | None = None) -> SchedulerMixin:
         """A fresh scheduler for a sampler name such as "Euler a" or "DPM++ 2M Karras"."""
         return create_scheduler(sampler, self.components.scheduler_config, seeds=seeds)
@@ -119,15 +170,16 @@ class Pipeline:
         """Text embeddings; `.unet_batch` is what the UNet's encoder_hidden_states takes ([uncond; cond]) and,
         for SDXL, `.added_cond_kwargs` its pooled text and size conditioning (at the native size)."""
         c = self.components
-        if c.is_xl:
-            return encode_prompt_xl(
-                (c.tokenizer, c.tokenizer_2), (c.text_encoder, c.text_encoder_2), prompt, negative_prompt,
+        with memory_options.lent(c.text_encoder, c.text_encoder_2):
+            if c.is_xl:
+                return encode_prompt_xl(
+                    (c.tokenizer, c.tokenizer_2), (c.text_encoder, c.text_encoder_2), prompt, negative_prompt,
+                    guidance_scale=guidance_scale, batch_size=batch_size,
+                ).with_time_ids(c.native_size, c.native_size)
+            return encode_prompt(
+                self.tokenizer, self.text_encoder, prompt, negative_prompt,
                 guidance_scale=guidance_scale, batch_size=batch_size,
-            ).with_time_ids(c.native_size, c.native_size)
-        return encode_prompt(
-            self.tokenizer, self.text_encoder, prompt, negative_prompt,
-            guidance_scale=guidance_scale, batch_size=batch_size,
-        )
+            )
 
     def prepare_latents(
         self, seeds: int | Sequence[int], width: int | None = None, height: int | None = None
@@ -159,6 +211,10 @@ class Pipeline:
         *,
         hires: Hires | float | dict | None = None,
         guidance_min_timestep: int | None = None,
+        deep_cache_interval: int | None = None,
+        token_merging_ratio: float | None = None,
+        token_merging_ratio_hr: float | None = None,
+        speed: str | None = None,
         controls: Sequence[ControlUnit | dict] | None = None,
         callback: StepCallback | None = None,
         cancel: CancelToken | None = None,
@@ -170,11 +226,15 @@ class Pipeline:
         at t >= this (a guidance interval; default 0, every step). controls: ControlNet / T2I-Adapter units
         (ControlUnit or dicts of its fields; img2img, inpaint and outpaint take `controls=` too). `callback` is
         called after every step with a StepContext (step, total, latents, denoised, preview(), phase); `cancel`
-        stops the run between steps."""
+        stops the run between steps. deep_cache_interval (DeepCache, 1 = off) and token_merging_ratio (ToMe, 0 = off;
+        token_merging_ratio_hr for the hires pass) trade exactness for speed; speed="fast" turns on the fast
+        preset's values (request.SPEED_PRESETS) for those left unset."""
         fields: dict[str, Any] = {
             "negative_prompt": negative_prompt, "width": width, "height": height, "steps": steps,
             "guidance_scale": guidance_scale, "seed": seed, "sampler": sampler, "batch_size": batch_size,
             "guidance_min_timestep": guidance_min_timestep, "controls": controls,
+            "deep_cache_interval": deep_cache_interval, "token_merging_ratio": token_merging_ratio,
+            "token_merging_ratio_hr": token_merging_ratio_hr, "speed": speed,
         }
         if hires is not None:
             fields.update(Hires.coerce(hires).request_fields())
@@ -252,7 +312,9 @@ class Pipeline:
         if request.model is not None and request.model != self.components.name:
             raise InvalidRequestError(f"model {request.model!r}: this pipeline runs {self.components.name!r} "
                                       "(choose models with dapple.load; servers pick them by name)")
-        self.apply_loras(extract_extra_networks(request.prompt)[1])
+        networks = extract_extra_networks(request.prompt)[1]
+        openvino_backend.refuse_unsupported(self.components, request, loras=networks)  # before any work
+        self.apply_loras(networks)
         self.install_embeddings(f"{request.prompt} {request.negative_prompt}")
         hooks = hooks or StepHooks()
         if cancel is not None:
@@ -262,7 +324,10 @@ class Pipeline:
         # Control units first (their modules, images and models are checked here, before any step), then the
         # request's plugins and the caller's own extensions.
         run_extensions = [*control_extensions(request, self.components, self._control_model, self.limits),
-                          *requested_extensions(request.extensions, self.components), *extensions]
+                          *speed_extensions(request),
+                          *requested_extensions(request.extensions, self.components), *extensions,
+                          *backend_extensions(self.components)]
+        openvino_backend.refuse_unsupported(self.components, request, extensions=run_extensions)
         try:
             with torch.inference_mode():
                 result = run_request(self.components, request, hooks, self.limits, run_extensions)
@@ -276,6 +341,21 @@ class Pipeline:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             raise
+        except Exception as error:
+            if not memory_options.is_out_of_memory(error):
+                raise
+            # An allocation failed: free what the run held, then say which memory option to use.
+            logger.debug("allocation failure", exc_info=error)
+            replacement = memory_options.out_of_memory_error(
+                error, self.memory, self.device, batch_size=request.batch_size,
+                what=request.mode + (f" at {request.width}x{request.height}" if request.width and request.height
+                                     else "") + f", batch {request.batch_size}")
+            traceback.clear_frames(error.__traceback__)
+            del error
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            raise replacement from None
 
     def control_models(self) -> list[ControlModelEntry]:
         """The ControlNets and T2I-Adapters a request can name: the built-in one and those in control_dirs."""
@@ -289,10 +369,10 @@ class Pipeline:
         key = (str(entry.path), stat.st_size, stat.st_mtime_ns)
         if key not in self._control_cache:
             model = load_control_model(entry.path, allow_pickle=self._allow_pickle, base=self.components.unet.config)
-            model = model.to(self.device)
+            model = model.to("cpu" if self.memory.offload else self.device)  # offloaded: it rests on the CPU
             if model.dtype != self.dtype:  # (diffusers warns about any dtype cast, even a no-op one)
                 model = model.to(self.dtype)
-            self._control_cache[key] = model.eval().requires_grad_(False)
+            self._control_cache[key] = self._memory.adopt(model.eval().requires_grad_(False))
             while len(self._control_cache) > CONTROL_CACHE_SIZE:
                 self._control_cache.popitem(last=False)
         self._control_cache.move_to_end(key)
@@ -303,6 +383,9 @@ class Pipeline:
         Each request sets its own; the previous set is undone first, restoring the loaded weights exactly."""
         from dapple.models.hashing import model_sha256
 
+        if networks and memory_options.is_offloaded(self.components.unet) == "sequential":
+            raise InvalidRequestError("LoRAs cannot be merged into sequentially offloaded weights (lowvram); use "
+                                      "memory='medvram' (--medvram) or offload='model' with LoRAs")
         loras, hashes = [], {}
         for network in networks:
             path = find_in_folders(network.name, self.lora_dirs)

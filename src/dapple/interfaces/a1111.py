@@ -171,6 +171,8 @@ class Txt2ImgRequest(A1111Body):
     save_images: bool | None = False
     alwayson_scripts: dict[str, Any] | None = Field(default_factory=dict)
     infotext: str | None = None
+    deep_cache_interval: int | None = Field(None, description="Dapple's own: DeepCache interval 1..10 (1: off); "
+                                            "token merging is A1111's override_settings.token_merging_ratio")
 
 
 class Img2ImgRequest(Txt2ImgRequest):
@@ -394,8 +396,41 @@ def sampler_name(body: dict[str, Any], ignored: list[str] | None = None) -> str:
     return resolve_sampler(named.spec.name, str(schedule)).label
 
 
-def translate(body: dict[str, Any], mode: str) -> tuple[dict[str, Any], list[str]]:
-    """An A1111 txt2img/img2img body -> GenerationRequest fields, and the A1111 fields left unused."""
+# override_settings keys a request acts on (the rest are named in `ignored`): the checkpoint, and A1111's
+# token merging settings (modules/shared_options.py; the _img2img and _hr ratios apply only where non-zero).
+USED_OVERRIDE_SETTINGS = ("sd_model_checkpoint", "token_merging_ratio", "token_merging_ratio_img2img",
+                          "token_merging_ratio_hr")
+
+
+def _number_option(settings: dict[str, Any], key: str) -> float:
+    value = settings.get(key)
+    if value is None:
+        return 0.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise A1111Error(422, f"override_settings.{key} must be a number from 0 (off) to 0.9; got {value!r}")
+    return float(value)
+
+
+def speed_fields(body: dict[str, Any], mode: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Token merging from A1111's settings (the stored options, then the request's override_settings, as A1111
+    applies them: the _img2img ratio for img2img and the _hr ratio for the hires pass where they are non-zero),
+    and Dapple's deep_cache_interval from the body (A1111 has no such field)."""
+    overrides = body.get("override_settings") if isinstance(body.get("override_settings"), dict) else {}
+    settings = {**(options or {}), **overrides}
+    ratio = _number_option(settings, "token_merging_ratio")
+    if mode == "img2img":
+        ratio = _number_option(settings, "token_merging_ratio_img2img") or ratio
+    fields: dict[str, Any] = {"token_merging_ratio": ratio,
+                              "token_merging_ratio_hr": _number_option(settings, "token_merging_ratio_hr")}
+    if body.get("deep_cache_interval") is not None:
+        fields["deep_cache_interval"] = body["deep_cache_interval"]  # the request's bounds check it (422)
+    return fields
+
+
+def translate(body: dict[str, Any], mode: str, options: dict[str, Any] | None = None
+              ) -> tuple[dict[str, Any], list[str]]:
+    """An A1111 txt2img/img2img body -> GenerationRequest fields, and the A1111 fields left unused. `options`:
+    the server's stored settings (POST /options), which override_settings overrides for one request."""
     batch = int(body.get("batch_size") or 1) * int(body.get("n_iter") or 1)
     ignored: list[str] = []
     fields: dict[str, Any] = {
@@ -442,8 +477,9 @@ def translate(body: dict[str, Any], mode: str) -> tuple[dict[str, Any], list[str
     units = controlnet_units(body, mode, ignored)  # sd-webui-controlnet's units: alwayson_scripts.controlnet
     if units:
         fields["controls"] = [unit.fields for unit in units]
+    fields.update(speed_fields(body, mode, options))
     ignored += [name for name in IGNORED_WHEN_SET if _set(body, name) and name != "alwayson_scripts"
-                and not (name == "override_settings" and set(body[name]) == {"sd_model_checkpoint"})]
+                and not (name == "override_settings" and set(body[name]) <= set(USED_OVERRIDE_SETTINGS))]
     ignored += other_scripts(body)
     if int(body.get("n_iter") or 1) > 1:
         ignored.append("n_iter (run as one batch of batch_size x n_iter)")
@@ -541,7 +577,7 @@ def create_router(service: JobService, model_name: str, model_path: Path | None)
             raise A1111Error(422, str(error)) from None
 
     def generate(body: dict[str, Any], mode: str) -> dict[str, Any]:
-        fields, ignored = translate(body, mode)
+        fields, ignored = translate(body, mode, options)
         override = (body.get("override_settings") or {}).get("sd_model_checkpoint")
         chosen = checkpoint(str(override)) if override else current["model"]
         fields["model"] = None if chosen == service.models.default_name else chosen
@@ -630,7 +666,8 @@ def create_router(service: JobService, model_name: str, model_path: Path | None)
             "infotexts": infotexts, "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
             "extra_generation_params": {key: value for key, value in (parse_infotext(infotexts[0]) if infotexts
                                                                       else {}).items()
-                                        if key.startswith("ControlNet ")},
+                                        if key.startswith(("ControlNet ", "Token merging ratio",
+                                                           "DeepCache interval"))},
             "version": f"dapple {__version__}", "ignored": ignored, "dapple_job_id": job_id,
         }
 

@@ -21,7 +21,7 @@ from PIL import UnidentifiedImageError
 
 from dapple.errors import DappleError, DappleWarning, closest, did_you_mean
 from dapple.infotext import parse_infotext
-from dapple.request import GenerationRequest, make_request
+from dapple.request import SPEED_PRESETS, GenerationRequest, make_request
 from dapple.settings import Settings
 
 app = typer.Typer(help="Dapple: Stable Diffusion from the command line.", no_args_is_help=True, add_completion=False)
@@ -73,6 +73,7 @@ FIELD_FLAGS = {
     "outpaint_right": "--right", "outpaint_top": "--top", "outpaint_bottom": "--bottom", "inpainting_fill": "--fill",
     "mask_blur": "--mask-blur", "invert_mask": "--invert-mask", "resize_mode": "--resize-mode", "width": "--width",
     "height": "--height", "steps": "--steps", "seed": "--seed", "sampler": "--sampler", "strength": "--strength",
+    "deep_cache_interval": "--deep-cache", "token_merging_ratio": "--token-merging", "speed": "--speed",
 }
 
 
@@ -200,6 +201,21 @@ def check_dtype(dtype: Optional[str]) -> None:
             fail(f"{error}{_did_you_mean(dtype, ['fp16', 'bf16', 'fp32'])}")
 
 
+def check_backend(backend: str, request: Optional[GenerationRequest] = None) -> None:
+    """An unknown backend, openvino without its package, or a request it cannot run (controls, LoRAs) is
+    reported before the model loads."""
+    from dapple.engine.prompt_syntax import extract_extra_networks
+    from dapple.models import openvino_backend
+
+    try:
+        if openvino_backend.check_backend(backend) == "openvino":
+            openvino_backend.import_openvino()
+            if request is not None:
+                openvino_backend.refuse_request(request, extract_extra_networks(request.prompt)[1])
+    except DappleError as error:
+        fail(str(error))
+
+
 def check_output_folder(folder: Path, flag: str = "--out") -> None:
     """An output folder may be missing (it is created) but neither it nor a parent may be a file."""
     for each in (folder, *folder.parents):
@@ -291,6 +307,81 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+MEMORY_FLAGS = {
+    "medvram": (bool, typer.Option(False, "--medvram", help="model CPU offload + VAE slicing: one model on the GPU "
+                                   "at a time (CUDA; on the CPU only the VAE slicing applies)")),
+    "lowvram": (bool, typer.Option(False, "--lowvram", help="sequential CPU offload + attention slicing + VAE "
+                                   "slicing + VAE tiling: the least GPU memory, much slower (CUDA; on the CPU only "
+                                   "the VAE slicing and tiling apply)")),
+    "attention_slicing": (bool, typer.Option(False, "--attention-slicing", help="attention a few heads at a time "
+                                             "(same image; slower, and no gain on the CPU)")),
+    "vae_slicing": (bool, typer.Option(False, "--vae-slicing", help="decode one image of a batch at a time (same "
+                                       "image)")),
+    "vae_tiling": (bool, typer.Option(False, "--vae-tiling", help="decode large images in blended tiles: bounded "
+                                      "memory (the image changes slightly)")),
+    "offload": (Optional[str], typer.Option(None, "--offload", show_default=False, help="model | sequential: rest "
+                                            "models in CPU memory between uses (CUDA only)")),
+}
+
+
+def memory_from_flags(medvram: bool = False, lowvram: bool = False, attention_slicing: bool = False,
+                      vae_slicing: bool = False, vae_tiling: bool = False, offload: Optional[str] = None):
+    """The memory option dapple.load takes, from the command line's flags: None, a preset, or MemoryOptions
+    (a preset with the single switches added)."""
+    from dataclasses import replace
+
+    from dapple.models.memory import OFFLOAD_MODES, PRESETS
+
+    if medvram and lowvram:
+        fail("--medvram and --lowvram are two presets; choose one")
+    if offload is not None and offload.strip().lower() not in OFFLOAD_MODES:
+        fail(f"--offload {offload!r} is invalid; use model or sequential{_did_you_mean(offload, OFFLOAD_MODES)}")
+    preset = "medvram" if medvram else "lowvram" if lowvram else None
+    switches = {name: True for name, on in (("attention_slicing", attention_slicing), ("vae_slicing", vae_slicing),
+                                            ("vae_tiling", vae_tiling)) if on}
+    if offload is not None:
+        switches["offload"] = offload.strip().lower()
+    if not switches:
+        return preset
+    return replace(PRESETS[preset or "none"], **switches)
+
+
+def memory_flags(command):
+    """Give a command --medvram, --lowvram, --attention-slicing, --vae-slicing, --vae-tiling and --offload; it
+    receives them as one `memory` keyword (see memory_from_flags), declared last in its signature."""
+    signature = inspect.signature(command, eval_str=True)  # real types: typer reads them from this signature
+    parameters = [parameter for parameter in signature.parameters.values() if parameter.name != "memory"]
+    flags = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation)
+             for name, (annotation, option) in MEMORY_FLAGS.items()]
+
+    @functools.wraps(command)
+    def with_memory(**kwargs):
+        memory = memory_from_flags(**{name: kwargs.pop(name) for name in MEMORY_FLAGS})
+        return command(**kwargs, memory=memory)
+
+    with_memory.__signature__ = signature.replace(parameters=[
+        parameter.replace(kind=inspect.Parameter.KEYWORD_ONLY) for parameter in parameters] + flags)
+    with_memory.__annotations__ = {**{parameter.name: parameter.annotation for parameter in parameters},
+                                   **{name: annotation for name, (annotation, _) in MEMORY_FLAGS.items()}}
+    return with_memory
+
+
+def check_memory(memory, device: Optional[str]) -> None:
+    """Bad memory options (offload on a CPU device) are reported before the model loads."""
+    from dapple.models.devices import resolve_device
+    from dapple.models.memory import plan
+
+    plan(memory, resolve_device(device))
+
+
+def memory_summary(pipe) -> Optional[str]:
+    """"memory: model offload, VAE slicing" and what the device left out, for stderr (None when all is off)."""
+    notes = pipe.memory_notes
+    if pipe.memory.describe() == "none" and not notes:
+        return None
+    return f"memory: {pipe.memory.describe()}" + "".join(f"; {note}" for note in notes)
+
+
 class GenerationOptions:
     """The options every generating command shares, declared once."""
 
@@ -305,6 +396,16 @@ class GenerationOptions:
     guidance_min_t = typer.Option(None, "--guidance-min-t", show_default=False,
                                   help="guide only steps at timesteps >= this, 0..1000 [default: the model's, else 0: "
                                   "every step]")
+    deep_cache = typer.Option(None, "--deep-cache", show_default=False,
+                              help="DeepCache interval 1..10: the full UNet every N-th step, its cached deep features "
+                              "between (faster, approximate) [default: the --speed preset's: 1, off]")
+    token_merging = typer.Option(None, "--token-merging", show_default=False,
+                                 help="ToMe token merging ratio 0..0.9 in the highest-resolution attention blocks "
+                                 "(faster, approximate) [default: the --speed preset's: 0, off]")
+    speed = typer.Option(None, "--speed", show_default=False,
+                         help="speed preset: quality (exact) or fast (" + ", ".join(
+                             f"{FIELD_FLAGS[k]} {v:g}" for k, v in SPEED_PRESETS["fast"].items()) +
+                         "); --deep-cache / --token-merging win over it [default: quality]")
     seed = typer.Option(_defaults["seed"].default, help="-1 for random; image i uses seed + i")
     sampler = typer.Option(None, show_default=False, help="see `dapple samplers` [default: the model's, else "
                            f"{_defaults['sampler'].default}]")
@@ -334,11 +435,15 @@ class GenerationOptions:
     threads = typer.Option(None, "--threads", min=1, max=1024, show_default=False,
                            help="torch's CPU threads [default: automatic: 1 for small models such as the built-in "
                            "one, else the cores this process may use]")
+    backend = typer.Option("torch", "--backend", help="torch | openvino: openvino runs the UNet and VAE decoder as "
+                           "compiled OpenVINO models on the CPU (pip install \"dapple[openvino]\"; converted once, "
+                           "cached in ~/.cache/dapple/openvino; no ControlNet or LoRA)")
 
 
 def _run_and_save(fields: dict, *, model: Optional[Path], out: Path, device: Optional[str], dtype: Optional[str],
                   allow_pickle: bool, vae: Optional[Path] = None, models_dir: Optional[Path] = None,
-                  threads: Optional[int] = None, control: tuple = ()) -> None:
+                  threads: Optional[int] = None, control: tuple = (), backend: str = "torch",
+                  memory=None) -> None:
     """Validate a request, load the model, generate with a progress bar per pass, save PNGs, print their paths.
     control: (--control specs, --control-module, --control-mode, --control-resize, --control-dir) lists."""
     import dapple
@@ -349,7 +454,7 @@ def _run_and_save(fields: dict, *, model: Optional[Path], out: Path, device: Opt
     from dapple.service.outputs import save_result
 
     settings = Settings(model=model, device=device, dtype=dtype, output_dir=out, allow_pickle=allow_pickle,
-                        models_dir=models_dir, threads=threads)
+                        models_dir=models_dir, threads=threads, backend=backend, memory=memory)
     specs, control_modules, control_modes, control_resizes, control_dirs = control or ([], [], [], [], [])
     with user_errors():
         # Check everything that needs no model first, so mistakes are reported in a second, not after loading.
@@ -365,6 +470,8 @@ def _run_and_save(fields: dict, *, model: Optional[Path], out: Path, device: Opt
         settings.limits.check(request)
         check_device(settings.device)
         check_dtype(settings.dtype)
+        check_backend(settings.backend, request)
+        check_memory(settings.memory, settings.device)
         for field in ("init_image", "mask", "depth_map"):  # their headers, before the model loads
             if isinstance(fields.get(field), Path):
                 check_image_file(fields[field], FIELD_FLAGS[field])
@@ -378,7 +485,10 @@ def _run_and_save(fields: dict, *, model: Optional[Path], out: Path, device: Opt
             pipe = dapple.load(model, device=settings.device, dtype=settings.dtype,
                                allow_pickle=settings.allow_pickle, limits=settings.limits, vae=vae,
                                lora_dirs=lora_dirs, embedding_dirs=embedding_dirs, threads=settings.threads,
-                               control_dirs=control_dirs)
+                               control_dirs=control_dirs, backend=settings.backend,
+                               openvino_cache_dir=settings.openvino_cache_dir, memory=settings.memory)
+        if memory_summary(pipe):
+            typer.echo(memory_summary(pipe), err=True)
         progress = Progress()
         # The bar opens before the first step (the step count is known once the sampler has its timesteps).
         hooks = StepHooks(before_step={"progress": lambda context: progress.begin(context.phase, context.total)},
@@ -526,6 +636,7 @@ def _resolve_names(model: Optional[Path], vae: Optional[Path], models_dir: Optio
 
 
 @app.command()
+@memory_flags
 def generate(
     prompt: str = typer.Argument(..., help="what to draw"),
     negative: str = GenerationOptions.negative,
@@ -534,6 +645,9 @@ def generate(
     steps: Optional[int] = GenerationOptions.steps,
     guidance: Optional[float] = GenerationOptions.guidance,
     guidance_min_t: Optional[int] = GenerationOptions.guidance_min_t,
+    deep_cache: Optional[int] = GenerationOptions.deep_cache,
+    token_merging: Optional[float] = GenerationOptions.token_merging,
+    speed: Optional[str] = GenerationOptions.speed,
     seed: int = GenerationOptions.seed,
     sampler: Optional[str] = GenerationOptions.sampler,
     batch: int = GenerationOptions.batch,
@@ -551,23 +665,28 @@ def generate(
     vae: Optional[Path] = GenerationOptions.vae,
     models_dir: Optional[Path] = GenerationOptions.models_dir,
     threads: Optional[int] = GenerationOptions.threads,
+    backend: str = GenerationOptions.backend,
     control: list[str] = GenerationOptions.control,
     control_module: list[str] = GenerationOptions.control_module,
     control_mode: list[str] = GenerationOptions.control_mode,
     control_resize: list[str] = GenerationOptions.control_resize,
     control_dir: list[Path] = GenerationOptions.control_dir,
+    memory=None,  # --medvram, --lowvram, ... (memory_flags)
 ) -> None:
     """Generate images from a prompt and save them as PNGs with A1111 infotext."""
     fields = dict(prompt=prompt, negative_prompt=negative, width=width, height=height, steps=steps,
                   guidance_scale=guidance, seed=seed, sampler=sampler, batch_size=batch, hires_scale=hires_scale,
                   hires_upscaler=hires_upscaler, hires_steps=hires_steps, hires_strength=hires_strength,
-                  guidance_min_timestep=guidance_min_t)
-    _run_and_save(fields, model=model, out=out, device=device, dtype=dtype, allow_pickle=allow_pickle, vae=vae,
-                  models_dir=models_dir, threads=threads,
+                  guidance_min_timestep=guidance_min_t,
+                  deep_cache_interval=deep_cache, token_merging_ratio=token_merging, speed=speed)
+    _run_and_save(fields, memory=memory,
+                  model=model, out=out, device=device, dtype=dtype, allow_pickle=allow_pickle, vae=vae,
+                  models_dir=models_dir, threads=threads, backend=backend,
                   control=(control, control_module, control_mode, control_resize, control_dir))
 
 
 @app.command()
+@memory_flags
 def img2img(
     image: Path = typer.Argument(..., help="the picture to start from"),
     prompt: str = typer.Argument(..., help="what to turn it into"),
@@ -579,6 +698,9 @@ def img2img(
     steps: Optional[int] = GenerationOptions.steps,
     guidance: Optional[float] = GenerationOptions.guidance,
     guidance_min_t: Optional[int] = GenerationOptions.guidance_min_t,
+    deep_cache: Optional[int] = GenerationOptions.deep_cache,
+    token_merging: Optional[float] = GenerationOptions.token_merging,
+    speed: Optional[str] = GenerationOptions.speed,
     seed: int = GenerationOptions.seed,
     sampler: Optional[str] = GenerationOptions.sampler,
     batch: int = GenerationOptions.batch,
@@ -590,22 +712,27 @@ def img2img(
     vae: Optional[Path] = GenerationOptions.vae,
     models_dir: Optional[Path] = GenerationOptions.models_dir,
     threads: Optional[int] = GenerationOptions.threads,
+    backend: str = GenerationOptions.backend,
     control: list[str] = GenerationOptions.control,
     control_module: list[str] = GenerationOptions.control_module,
     control_mode: list[str] = GenerationOptions.control_mode,
     control_resize: list[str] = GenerationOptions.control_resize,
     control_dir: list[Path] = GenerationOptions.control_dir,
+    memory=None,  # --medvram, --lowvram, ... (memory_flags)
 ) -> None:
     """Redraw an image after a prompt; --strength 0..1 sets how much changes (int(steps x strength) steps run)."""
     fields = dict(prompt=prompt, init_image=image, strength=strength, resize_mode=resize_mode,
                   negative_prompt=negative, width=width, height=height, steps=steps, guidance_scale=guidance,
-                  seed=seed, sampler=sampler, batch_size=batch, guidance_min_timestep=guidance_min_t)
-    _run_and_save(fields, model=model, out=out, device=device, dtype=dtype, allow_pickle=allow_pickle, vae=vae,
-                  models_dir=models_dir, threads=threads,
+                  seed=seed, sampler=sampler, batch_size=batch, guidance_min_timestep=guidance_min_t,
+                  deep_cache_interval=deep_cache, token_merging_ratio=token_merging, speed=speed)
+    _run_and_save(fields, memory=memory,
+                  model=model, out=out, device=device, dtype=dtype, allow_pickle=allow_pickle, vae=vae,
+                  models_dir=models_dir, threads=threads, backend=backend,
                   control=(control, control_module, control_mode, control_resize, control_dir))
 
 
 @app.command()
+@memory_flags
 def inpaint(
     image: Path = typer.Argument(..., help="the picture to change"),
     mask: Path = typer.Argument(..., help="white = repaint, black = keep (or the opaque part of a transparent PNG)"),
@@ -622,6 +749,9 @@ def inpaint(
     steps: Optional[int] = GenerationOptions.steps,
     guidance: Optional[float] = GenerationOptions.guidance,
     guidance_min_t: Optional[int] = GenerationOptions.guidance_min_t,
+    deep_cache: Optional[int] = GenerationOptions.deep_cache,
+    token_merging: Optional[float] = GenerationOptions.token_merging,
+    speed: Optional[str] = GenerationOptions.speed,
     seed: int = GenerationOptions.seed,
     sampler: Optional[str] = GenerationOptions.sampler,
     batch: int = GenerationOptions.batch,
@@ -633,23 +763,28 @@ def inpaint(
     vae: Optional[Path] = GenerationOptions.vae,
     models_dir: Optional[Path] = GenerationOptions.models_dir,
     threads: Optional[int] = GenerationOptions.threads,
+    backend: str = GenerationOptions.backend,
     control: list[str] = GenerationOptions.control,
     control_module: list[str] = GenerationOptions.control_module,
     control_mode: list[str] = GenerationOptions.control_mode,
     control_resize: list[str] = GenerationOptions.control_resize,
     control_dir: list[Path] = GenerationOptions.control_dir,
+    memory=None,  # --medvram, --lowvram, ... (memory_flags)
 ) -> None:
     """Repaint the masked area of an image after a prompt; the rest keeps its original pixels."""
     fields = dict(prompt=prompt, init_image=image, mask=mask, strength=strength, mask_blur=mask_blur,
                   invert_mask=invert_mask, inpainting_fill=fill, resize_mode=resize_mode, negative_prompt=negative,
                   width=width, height=height, steps=steps, guidance_scale=guidance, seed=seed, sampler=sampler,
-                  batch_size=batch, guidance_min_timestep=guidance_min_t)
-    _run_and_save(fields, model=model, out=out, device=device, dtype=dtype, allow_pickle=allow_pickle, vae=vae,
-                  models_dir=models_dir, threads=threads,
+                  batch_size=batch, guidance_min_timestep=guidance_min_t,
+                  deep_cache_interval=deep_cache, token_merging_ratio=token_merging, speed=speed)
+    _run_and_save(fields, memory=memory,
+                  model=model, out=out, device=device, dtype=dtype, allow_pickle=allow_pickle, vae=vae,
+                  models_dir=models_dir, threads=threads, backend=backend,
                   control=(control, control_module, control_mode, control_resize, control_dir))
 
 
 @app.command()
+@memory_flags
 def outpaint(
     image: Path = typer.Argument(..., help="the picture to extend"),
     prompt: str = typer.Argument(..., help="what the extended picture shows"),
@@ -663,6 +798,9 @@ def outpaint(
     steps: Optional[int] = GenerationOptions.steps,
     guidance: Optional[float] = GenerationOptions.guidance,
     guidance_min_t: Optional[int] = GenerationOptions.guidance_min_t,
+    deep_cache: Optional[int] = GenerationOptions.deep_cache,
+    token_merging: Optional[float] = GenerationOptions.token_merging,
+    speed: Optional[str] = GenerationOptions.speed,
     seed: int = GenerationOptions.seed,
     sampler: Optional[str] = GenerationOptions.sampler,
     batch: int = GenerationOptions.batch,
@@ -674,23 +812,28 @@ def outpaint(
     vae: Optional[Path] = GenerationOptions.vae,
     models_dir: Optional[Path] = GenerationOptions.models_dir,
     threads: Optional[int] = GenerationOptions.threads,
+    backend: str = GenerationOptions.backend,
     control: list[str] = GenerationOptions.control,
     control_module: list[str] = GenerationOptions.control_module,
     control_mode: list[str] = GenerationOptions.control_mode,
     control_resize: list[str] = GenerationOptions.control_resize,
     control_dir: list[Path] = GenerationOptions.control_dir,
+    memory=None,  # --medvram, --lowvram, ... (memory_flags)
 ) -> None:
     """Extend an image's canvas on the chosen sides and draw the new area."""
     fields = dict(prompt=prompt, init_image=image, outpaint_left=left, outpaint_right=right, outpaint_top=top,
                   outpaint_bottom=bottom, strength=strength, mask_blur=mask_blur, negative_prompt=negative,
                   steps=steps, guidance_scale=guidance, seed=seed, sampler=sampler, batch_size=batch,
-                  guidance_min_timestep=guidance_min_t)
-    _run_and_save(fields, model=model, out=out, device=device, dtype=dtype, allow_pickle=allow_pickle, vae=vae,
-                  models_dir=models_dir, threads=threads,
+                  guidance_min_timestep=guidance_min_t,
+                  deep_cache_interval=deep_cache, token_merging_ratio=token_merging, speed=speed)
+    _run_and_save(fields, memory=memory,
+                  model=model, out=out, device=device, dtype=dtype, allow_pickle=allow_pickle, vae=vae,
+                  models_dir=models_dir, threads=threads, backend=backend,
                   control=(control, control_module, control_mode, control_resize, control_dir))
 
 
 @app.command()
+@memory_flags
 def depth2img(
     image: Path = typer.Argument(..., help="the picture to start from"),
     depth: Path = typer.Argument(..., help="depth map image, brighter = nearer"),
@@ -700,6 +843,9 @@ def depth2img(
     steps: Optional[int] = GenerationOptions.steps,
     guidance: Optional[float] = GenerationOptions.guidance,
     guidance_min_t: Optional[int] = GenerationOptions.guidance_min_t,
+    deep_cache: Optional[int] = GenerationOptions.deep_cache,
+    token_merging: Optional[float] = GenerationOptions.token_merging,
+    speed: Optional[str] = GenerationOptions.speed,
     seed: int = GenerationOptions.seed,
     sampler: Optional[str] = GenerationOptions.sampler,
     batch: int = GenerationOptions.batch,
@@ -711,13 +857,17 @@ def depth2img(
     vae: Optional[Path] = GenerationOptions.vae,
     models_dir: Optional[Path] = GenerationOptions.models_dir,
     threads: Optional[int] = GenerationOptions.threads,
+    backend: str = GenerationOptions.backend,
+    memory=None,  # --medvram, --lowvram, ... (memory_flags)
 ) -> None:
     """Depth-guided generation for depth models (SD 2 depth layout: a 5-channel UNet)."""
     fields = dict(prompt=prompt, init_image=image, depth_map=depth, strength=strength, negative_prompt=negative,
                   steps=steps, guidance_scale=guidance, seed=seed, sampler=sampler, batch_size=batch,
-                  guidance_min_timestep=guidance_min_t)
-    _run_and_save(fields, model=model, out=out, device=device, dtype=dtype, allow_pickle=allow_pickle, vae=vae,
-                  models_dir=models_dir, threads=threads)
+                  guidance_min_timestep=guidance_min_t,
+                  deep_cache_interval=deep_cache, token_merging_ratio=token_merging, speed=speed)
+    _run_and_save(fields, memory=memory,
+                  model=model, out=out, device=device, dtype=dtype, allow_pickle=allow_pickle, vae=vae,
+                  models_dir=models_dir, threads=threads, backend=backend)
 
 
 @app.command()
@@ -767,6 +917,7 @@ def merge(
 
 
 @app.command()
+@memory_flags
 def serve(
     host: str = typer.Option("127.0.0.1", help="address to bind; loopback by default"),
     port: int = typer.Option(7860, min=1, max=65535, help="TCP port, 1..65535"),
@@ -784,6 +935,8 @@ def serve(
     dtype: Optional[str] = GenerationOptions.dtype,
     threads: Optional[int] = GenerationOptions.threads,
     control_dir: list[Path] = GenerationOptions.control_dir,
+    backend: str = GenerationOptions.backend,
+    memory=None,  # --medvram, --lowvram, ... (memory_flags)
 ) -> None:
     """Serve the native job API (/api/v1, OpenAPI at /docs) and the A1111 API (/sdapi/v1, with sd-webui-controlnet's
     /controlnet routes) on one job queue."""
@@ -809,6 +962,7 @@ def serve(
              "interface)")
     check_device(device)
     check_dtype(dtype)
+    check_backend(backend)
     check_output_folder(data_dir, "--data-dir")
     if not loopback_host(host) and credentials is None:
         typer.echo(f"warning: serving on {host} without --api-auth; anyone who can reach it can use it", err=True)
@@ -819,13 +973,20 @@ def serve(
     with user_errors():
         model, _, lora_dirs, embedding_dirs = _resolve_names(model, None, models_dir)
         check_model_file(model)
+        settings = Settings(model=model, device=device, dtype=dtype, threads=threads, memory=memory,
+                            control_dirs=tuple(control_dir), backend=backend)
+        check_memory(settings.memory, settings.device)
 
         def load(path: Optional[Path]) -> dapple.Pipeline:
-            return dapple.load(path, device=device, dtype=dtype, lora_dirs=lora_dirs, embedding_dirs=embedding_dirs,
-                               threads=threads, control_dirs=control_dir)
+            return dapple.load(path, device=settings.device, dtype=settings.dtype, lora_dirs=lora_dirs,
+                               embedding_dirs=embedding_dirs, threads=settings.threads,
+                               control_dirs=settings.control_dirs, backend=settings.backend,
+                               memory=settings.memory)
 
         with _loading_message(model):
             pipe = load(model)  # fail now, not on the first job
+        if memory_summary(pipe):
+            typer.echo(memory_summary(pipe), err=True)
         folders = _model_folders(models_dir) if models_dir is not None else None
         pool = ModelPool(lambda: pipe, pipe.components.name, folders, load)
         service = JobService(data_dir, lambda: pipe, queue_size=queue_size, models=pool)

@@ -46,6 +46,9 @@ class Components:
     # Textual-inversion embeddings installed in the tokenizer/text encoder: name -> placeholder text, name -> hash
     embedding_triggers: dict[str, str] = field(default_factory=dict)
     embedding_hashes: dict[str, str] = field(default_factory=dict)
+    # Where the models compute while they rest in CPU memory between stages (CPU offload, models/memory.py);
+    # None: where the UNet's weights are.
+    execution_device: torch.device | None = None
 
     @cached_property
     def short_hash(self) -> str | None:
@@ -76,7 +79,8 @@ class Components:
 
     @property
     def device(self) -> torch.device:
-        return self.unet.device
+        """Where the run's tensors go: the execution device under CPU offload, else the UNet's device."""
+        return self.execution_device if self.execution_device is not None else self.unet.device
 
     @property
     def dtype(self) -> torch.dtype:

@@ -412,6 +412,9 @@ function buildRequest() {
     sampler: $("sampler").value, steps: number("steps"), guidance_scale: number("cfg"),
     guidance_min_timestep: number("cfg-min-t"), seed: number("seed"), batch_size: number("batch"),
   };
+  body.speed = $("speed").value;  // a preset; the two fields below, when filled in, win over it
+  if ($("deep-cache").value) body.deep_cache_interval = number("deep-cache");
+  if ($("token-merging").value) body.token_merging_ratio = number("token-merging");
   if ($("width").value) body.width = number("width");
   if ($("height").value) body.height = number("height");
   if (state.controls.length) body.controls = controlRequest();
@@ -419,6 +422,7 @@ function buildRequest() {
     if ($("hires-enable").checked) {
       Object.assign(body, {hires_scale: number("hires-scale"), hires_upscaler: $("hires-upscaler").value,
                            hires_steps: number("hires-steps"), hires_strength: number("hires-strength")});
+      if ($("token-merging-hr").value) body.token_merging_ratio_hr = number("token-merging-hr");
     }
     return body;
   }
