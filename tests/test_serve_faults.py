@@ -20,6 +20,7 @@ from pathlib import Path
 
 import httpx
 
+import dapple
 from dapple.service.jobs import JobService
 
 LAUNCHER = """
@@ -87,7 +88,7 @@ def statuses(data: Path) -> dict[str, tuple[str, int]]:
         return {row[0]: (row[1], row[2]) for row in db.execute("SELECT id, status, attempts FROM jobs")}
 
 
-def test_sigterm_mid_job_exits_in_bounded_time_and_requeues_it(tiny_model_dir, tmp_path, pipe) -> None:
+def test_sigterm_mid_job_exits_in_bounded_time_and_requeues_it(tiny_model_dir, tmp_path) -> None:
     data, port = tmp_path / "data", free_port()
     base = f"http://127.0.0.1:{port}"
     server = launch(tiny_model_dir, data, port)
@@ -129,7 +130,10 @@ def test_sigterm_mid_job_exits_in_bounded_time_and_requeues_it(tiny_model_dir, t
     assert jobs[done] == ("finished", 1)
     assert jobs[slow] == ("queued", 0) and jobs[queued] == ("queued", 0)  # interrupted: requeued, attempt given back
     assert sorted(status for status, _ in jobs.values()) == ["finished", "queued", "queued", "queued"]
-    service = JobService(data, lambda: pipe)  # the next start runs them
+    # The next start runs them, on a pipeline of its own: the session's shared `pipe` may carry what earlier tests
+    # in the suite left on it (the one suite failure here timed out on this wait, the test alone takes seconds).
+    own = dapple.load(tiny_model_dir, device="cpu")
+    service = JobService(data, lambda: own)
     service.start()
     try:
         # a liveness wait, not a speed bound: on a loaded 2-core machine three jobs (one of 60 steps) can take long
