@@ -20,9 +20,11 @@ import numpy as np
 
 # name -> (dapple.load keyword arguments, request fields)
 CONFIGS: dict[str, tuple[dict, dict]] = {
-    "fp32": ({"dtype": "fp32"}, {}),
-    "bf16": ({"dtype": "bf16"}, {}),
+    "fp32": ({"dtype": "fp32"}, {"speed": "quality"}),
+    "default": ({}, {}),  # what dapple.load() and a plain request give this model on this machine
+    "bf16": ({"dtype": "bf16"}, {"speed": "quality"}),
     "fast": ({"dtype": "bf16"}, {"speed": "fast"}),
+    "fast-fp32": ({"dtype": "fp32"}, {"speed": "fast"}),
     "deepcache-2": ({"dtype": "fp32"}, {"deep_cache_interval": 2}),
     "deepcache-3": ({"dtype": "fp32"}, {"deep_cache_interval": 3}),
     "tome-0.5": ({"dtype": "fp32"}, {"token_merging_ratio": 0.5}),

@@ -7,9 +7,11 @@ process so that peak memory is measured per process. Each process warms up with 
 --repeats images; shared CPUs are noisy, so the median over all timed images is the headline.
 
 Configurations (--configs, comma-separated):
-    dapple            Dapple's default for the device (CPU: bf16 where the CPU has it natively, see precision.py)
-    dapple-fp32       Dapple in float32: the bit-exact reproducible mode
-    dapple-fast       the default plus the "fast" preset's step reuse and token merging (--fast-fields)
+    dapple            Dapple's default for the device and model (for SD on the CPU: bf16 where the CPU has it natively,
+                      models/precision.py, and the "fast" speed preset, engine/pipeline.default_speed)
+    dapple-quality    the default dtype with the exact "quality" speed preset (no step reuse, no token merging)
+    dapple-fp32       Dapple in float32 with the quality preset: the bit-exact reproducible mode
+    dapple-fast       the default dtype with the fields of --fast-fields (default: the "fast" preset)
     dapple-openvino   the default dtype on the optional OpenVINO backend (dapple[openvino]; the conversion is
                       cached on disk, so run it once before timing: the first load converts for a minute or two)
     diffusers         diffusers' StableDiffusionPipeline in float32 (fp16 on CUDA)
@@ -110,7 +112,8 @@ def worker(args: argparse.Namespace) -> None:
     if config.startswith("dapple"):
         backend = {"backend": "openvino"} if config == "dapple-openvino" else {}
         pipe = dapple.load(args.model_dir, device=args.device, dtype=dtype, **backend)
-        extra = json.loads(args.fast_fields) if config == "dapple-fast" else {}
+        extra = {"dapple-fast": json.loads(args.fast_fields), "dapple-quality": {"speed": "quality"},
+                 "dapple-fp32": {"speed": "quality"}}.get(config, {})
 
         def run(steps: int):
             # guidance at every step, as diffusers does, whatever the model folder recommends
@@ -152,7 +155,8 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def latent_error(args: argparse.Namespace) -> None:
-    """Dapple's default dtype against fp32, step by step: the relative error of the latents after each step."""
+    """Dapple's default dtype against fp32 (both with the exact quality preset), step by step: the relative error
+    of the latents after each step."""
     import torch
 
     import dapple
@@ -163,7 +167,7 @@ def latent_error(args: argparse.Namespace) -> None:
         pipe = dapple.load(args.model_dir, device=args.device, dtype=dtype)
         steps: list[torch.Tensor] = []
         pipe.generate(args.prompt, negative_prompt=args.negative, steps=args.steps, seed=args.seed,
-                      sampler=args.sampler, guidance_min_timestep=0, width=args.size, height=args.size,
+                      sampler=args.sampler, guidance_min_timestep=0, width=args.size, height=args.size, speed="quality",
                       callback=lambda step, kept=steps: kept.append(step.latents.float().clone()))
         latents[name] = steps
         print(f"{name}: {pipe.components.dtype}", file=sys.stderr)
@@ -180,7 +184,7 @@ def psnr(a, b) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
-CONFIGS = ("dapple", "dapple-fp32", "dapple-fast", "dapple-openvino", "diffusers", "diffusers-bf16", "diffusers-bf16-cl")
+CONFIGS = ("dapple", "dapple-quality", "dapple-fp32", "dapple-fast", "dapple-openvino", "diffusers", "diffusers-bf16", "diffusers-bf16-cl")
 
 
 def main() -> None:
@@ -192,7 +196,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="processes per configuration, in turn")
     parser.add_argument("--repeats", type=int, default=3, help="timed images per process")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--configs", default="dapple,dapple-fp32,diffusers,diffusers-bf16",
+    parser.add_argument("--configs", default="dapple,dapple-quality,dapple-fp32,diffusers,diffusers-bf16",
                         help="comma-separated, from: " + ", ".join(CONFIGS))
     parser.add_argument("--fast-fields", default='{"speed": "fast"}',
                         help="request fields of the dapple-fast configuration (JSON)")

@@ -11,7 +11,7 @@ from dapple.request import SPEED_PRESETS, make_request
 
 
 def test_the_fast_preset_fills_only_the_fields_left_unset() -> None:
-    assert make_request(prompt="x").speed_settings() == {
+    assert make_request(prompt="x").speed_settings() == {  # no preset named: the default given, quality
         "deep_cache_interval": 1, "token_merging_ratio": 0.0, "token_merging_ratio_hr": 0.0}
     fast = make_request(prompt="x", speed="fast").speed_settings()
     assert fast["deep_cache_interval"] == SPEED_PRESETS["fast"]["deep_cache_interval"] > 1
@@ -33,3 +33,16 @@ def test_fast_is_the_same_image_as_its_fields_and_quality_is_the_plain_loop(pipe
     assert np.array_equal(np.asarray(fast.images[0]), np.asarray(by_fields.images[0]))
     assert not np.array_equal(plain, np.asarray(fast.images[0]))
     assert "DeepCache interval: 2" in fast.infotexts[0] and "Token merging ratio: 0.5" in fast.infotexts[0]
+
+
+def test_sd_sized_models_on_the_cpu_default_to_fast_and_small_ones_to_quality(pipe, monkeypatch) -> None:
+    from dapple.engine import pipeline as pipeline_module
+
+    assert pipeline_module.default_speed(pipe.components) == "quality"  # the tiny model: small
+    settings = dict(steps=4, seed=5, width=64, height=64)
+    fast = np.asarray(pipe.generate("a red circle", speed="fast", **settings).images[0])
+    quality = np.asarray(pipe.generate("a red circle", speed="quality", **settings).images[0])
+    monkeypatch.setattr(pipeline_module, "BF16_MIN_PARAMETERS", 0)  # as if the tiny model were SD-sized
+    assert pipeline_module.default_speed(pipe.components) == "fast"
+    assert np.array_equal(np.asarray(pipe.generate("a red circle", **settings).images[0]), fast)
+    assert np.array_equal(np.asarray(pipe.generate("a red circle", speed="quality", **settings).images[0]), quality)

@@ -161,9 +161,10 @@ class GenerationRequest(BaseModel):
     hires_strength: float = Field(0.7, ge=0.0, le=1.0, description="second-pass denoising strength")
 
     # -- speed: step reuse and token reduction (loop extensions; the defaults are off, and off is exact) -------
-    speed: str = Field("quality", description="a speed preset: " + ", ".join(
+    speed: str | None = Field(None, description="a speed preset: " + ", ".join(
         f"{name} ({', '.join(f'{k}={v}' for k, v in values.items()) or 'exact: nothing approximated'})"
-        for name, values in SPEED_PRESETS.items()) + "; fields set explicitly win over the preset")
+        for name, values in SPEED_PRESETS.items()) + "; fields set explicitly win over the preset. None: fast for "
+        "SD-sized models (UNet >= 100M parameters) on the CPU's torch backend, quality elsewhere")
     deep_cache_interval: int = Field(
         1, ge=1, le=10, description="DeepCache (Ma et al. 2024): run the full UNet on every N-th step and only "
         "its shallow blocks, with the cached deep features, on the steps between. 1: off (every step is full)")
@@ -198,13 +199,14 @@ class GenerationRequest(BaseModel):
     @field_validator("speed", mode="before")
     @classmethod
     def _known_speed(cls, value: Any) -> Any:
-        return _choose(value, tuple(SPEED_PRESETS), "speed")
+        return None if value is None else _choose(value, tuple(SPEED_PRESETS), "speed")
 
-    def speed_settings(self) -> dict[str, float]:
+    def speed_settings(self, default: str = "quality") -> dict[str, float]:
         """The effective deep_cache_interval, token_merging_ratio and token_merging_ratio_hr: the preset's values
-        for the ones the request did not set itself."""
+        (speed, or `default`, the model and device's preset, when speed is None) for the ones the request did not
+        set itself."""
         names = ("deep_cache_interval", "token_merging_ratio", "token_merging_ratio_hr")
-        preset = SPEED_PRESETS[self.speed]
+        preset = SPEED_PRESETS[self.speed or default]
         return {name: getattr(self, name) if name in self.model_fields_set or name not in preset else preset[name]
                 for name in names}
 

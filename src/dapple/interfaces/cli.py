@@ -405,7 +405,8 @@ class GenerationOptions:
     speed = typer.Option(None, "--speed", show_default=False,
                          help="speed preset: quality (exact) or fast (" + ", ".join(
                              f"{FIELD_FLAGS[k]} {v:g}" for k, v in SPEED_PRESETS["fast"].items()) +
-                         "); --deep-cache / --token-merging win over it [default: quality]")
+                         "); --deep-cache / --token-merging win over it [default: fast for SD-sized models on the CPU, "
+                         "quality (exact) on GPUs, for small models and on --backend openvino]")
     seed = typer.Option(_defaults["seed"].default, help="-1 for random; image i uses seed + i")
     sampler = typer.Option(None, show_default=False, help="see `dapple samplers` [default: the model's, else "
                            f"{_defaults['sampler'].default}]")

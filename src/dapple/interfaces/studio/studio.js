@@ -412,7 +412,7 @@ function buildRequest() {
     sampler: $("sampler").value, steps: number("steps"), guidance_scale: number("cfg"),
     guidance_min_timestep: number("cfg-min-t"), seed: number("seed"), batch_size: number("batch"),
   };
-  body.speed = $("speed").value;  // a preset; the two fields below, when filled in, win over it
+  if ($("speed").value) body.speed = $("speed").value;  // a preset; the two fields below, when filled in, win over it
   if ($("deep-cache").value) body.deep_cache_interval = number("deep-cache");
   if ($("token-merging").value) body.token_merging_ratio = number("token-merging");
   if ($("width").value) body.width = number("width");
