@@ -87,3 +87,17 @@ def union_controlnet(unet: UNet2DConditionModel, seed: int, scale: float = 0.3):
                                 "spatial_ch_projs")):
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
     return union.eval()
+
+
+def load_sd1_adapter_pipe(tmp_path_factory):
+    """The SD 1.x-style tiny model (cross-attention in its first block, as SD 1.5) loaded with a T2I-Adapter that
+    fits it, named "tiny-adapter"."""
+    import dapple
+    from dapple.models.tiny import build_tiny_family_pipeline
+
+    model_dir = tmp_path_factory.mktemp("tiny-sd1")
+    built = build_tiny_family_pipeline("sd1", seed=4)
+    built.save_pretrained(str(model_dir), safe_serialization=True)
+    adapters = tmp_path_factory.mktemp("adapters")
+    save(tiny_adapter(built.unet, seed=3), adapters / "tiny-adapter")
+    return dapple.load(model_dir, device="cpu", control_dirs=[adapters])

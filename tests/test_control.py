@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import dapple
-from control_fixtures import edge_map, perturbed_controlnet, save, tiny_adapter
+from control_fixtures import edge_map, load_sd1_adapter_pipe, perturbed_controlnet, save
 from dapple.engine.extensions import ORDER_USER, Extension
 from dapple.errors import InvalidRequestError
 from dapple.models.tiny import build_tiny_xl_pipeline
@@ -160,14 +160,7 @@ def test_a_unit_without_image_uses_the_init_image(control_pipe) -> None:
 @pytest.fixture(scope="module")
 def adapter_pipe(tmp_path_factory):
     """The SD 1.x-style tiny model (cross-attention in its first block, as SD 1.5) with an adapter that fits it."""
-    from dapple.models.tiny import build_tiny_family_pipeline
-
-    model_dir = tmp_path_factory.mktemp("tiny-sd1")
-    built = build_tiny_family_pipeline("sd1", seed=4)
-    built.save_pretrained(str(model_dir), safe_serialization=True)
-    adapters = tmp_path_factory.mktemp("adapters")
-    save(tiny_adapter(built.unet, seed=3), adapters / "tiny-adapter")
-    return dapple.load(model_dir, device="cpu", control_dirs=[adapters])
+    return load_sd1_adapter_pipe(tmp_path_factory)
 
 
 def test_adapter_units_follow_the_window_and_weight(adapter_pipe) -> None:

@@ -10,13 +10,14 @@ import pytest
 import torch
 
 import dapple
-from control_fixtures import edge_map, perturbed_controlnet, save, tiny_adapter
+from control_fixtures import edge_map, load_sd1_adapter_pipe, perturbed_controlnet, save
 from dapple.engine.extensions import ORDER_USER, Extension, ModelInputs
 from dapple.engine.feature_cache import DeepCache, deep_modules
 from dapple.engine.hooks import CancelToken, StepContext
 from dapple.engine.pipeline import speed_extensions
 from dapple.errors import GenerationCancelled, InvalidRequestError
 from dapple.request import ControlUnit, make_request
+from extension_fixtures import FailAt
 from sample_images import half_mask, smooth_image
 
 FAST = {"prompt": "a red circle", "negative_prompt": "blurry", "seed": 5, "sampler": "Euler",
@@ -170,14 +171,7 @@ def test_controlnet_residuals_still_reach_the_cached_steps(control_pipe) -> None
 @pytest.fixture(scope="module")
 def adapter_pipe(tmp_path_factory):
     """The SD 1.x layout (cross-attention in the first block) with a T2I-Adapter that fits it."""
-    from dapple.models.tiny import build_tiny_family_pipeline
-
-    model_dir = tmp_path_factory.mktemp("tiny-sd1")
-    built = build_tiny_family_pipeline("sd1", seed=4)
-    built.save_pretrained(str(model_dir), safe_serialization=True)
-    adapters = tmp_path_factory.mktemp("adapters")
-    save(tiny_adapter(built.unet, seed=3), adapters / "tiny-adapter")
-    return dapple.load(model_dir, device="cpu", control_dirs=[adapters])
+    return load_sd1_adapter_pipe(tmp_path_factory)
 
 
 def test_t2i_adapter_features_and_the_sd1_layout_work_with_the_cache(adapter_pipe) -> None:
@@ -230,15 +224,6 @@ def test_bad_intervals_are_422_in_the_native_and_a1111_apis(tmp_path, pipe) -> N
             assert "DeepCache interval: 2" in answer.json()["info"]
     finally:
         service.stop()
-
-
-class FailAt(Extension):
-    name = "fail"
-    order = ORDER_USER
-
-    def before_model(self, step, inputs) -> None:
-        if step.index == 1:
-            raise RuntimeError("failed on purpose")
 
 
 def test_the_patch_is_undone_after_an_error_and_a_cancel(pipe) -> None:

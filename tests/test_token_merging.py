@@ -12,7 +12,6 @@ import torch
 from typer.testing import CliRunner
 
 import dapple
-from dapple.engine.extensions import ORDER_USER, Extension
 from dapple.engine.hooks import CancelToken
 from dapple.engine.pipeline import speed_extensions
 from dapple.engine.token_merging import (
@@ -24,6 +23,7 @@ from dapple.engine.token_merging import (
 )
 from dapple.errors import GenerationCancelled, InvalidRequestError
 from dapple.request import make_request
+from extension_fixtures import FailAt
 from sample_images import smooth_image
 
 FAST = {"prompt": "a red circle", "negative_prompt": "blurry", "seed": 5, "sampler": "Euler",
@@ -176,15 +176,6 @@ def test_img2img_merges_too(pipe) -> None:
     plain = pipe.img2img(smooth_image(2), **FAST, strength=0.75).pixels
     merged = pipe.img2img(smooth_image(2), **FAST, strength=0.75, token_merging_ratio=0.5)
     assert not torch.equal(plain, merged.pixels) and "Token merging ratio: 0.5" in merged.infotexts[0]
-
-
-class FailAt(Extension):
-    name = "fail"
-    order = ORDER_USER
-
-    def before_model(self, step, inputs) -> None:
-        if step.index == 1:
-            raise RuntimeError("failed on purpose")
 
 
 def test_every_hook_is_removed_after_an_error_and_a_cancel(pipe) -> None:
