@@ -18,6 +18,8 @@ import time
 
 import numpy as np
 
+from dapple.train.data.shapes import images_psnr
+
 # name -> (dapple.load keyword arguments, request fields)
 CONFIGS: dict[str, tuple[dict, dict]] = {
     "fp32": ({"dtype": "fp32"}, {"speed": "quality"}),
@@ -31,11 +33,6 @@ CONFIGS: dict[str, tuple[dict, dict]] = {
     "openvino-bf16": ({"dtype": "bf16", "backend": "openvino"}, {}),
 }
 CARD = dict(steps=20, guidance_scale=5.0, sampler="DPM++ 2M", guidance_min_timestep=600)
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
 def run(name: str, n: int) -> tuple[object, list[np.ndarray], float]:
@@ -84,7 +81,7 @@ def main() -> None:
         accuracy = {row[0]: row[1] for row in table.rows()}
         drop = max(reference_table.accuracy(a) - table.accuracy(a) if a != "all" else
                    reference_table.all_right_share - table.all_right_share for a in attributes)
-        values = [psnr(a, b) for a, b in zip(reference_images, images)]
+        values = [images_psnr(a, b) for a, b in zip(reference_images, images)]
         finite = [v for v in values if v != float("inf")]
         mean_psnr = statistics.mean(finite) if finite else float("inf")
         print(f"{name:<15}" + "".join(f"{accuracy[a]:>11.1%}" for a in attributes) +

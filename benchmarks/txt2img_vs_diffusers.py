@@ -177,13 +177,6 @@ def latent_error(args: argparse.Namespace) -> None:
         print(f"{index + 1:>4}  {float((b - a).norm() / a.norm()):.4f}")
 
 
-def psnr(a, b) -> float:
-    import numpy as np
-
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
-
-
 CONFIGS = ("dapple", "dapple-quality", "dapple-fp32", "dapple-fast", "dapple-openvino", "diffusers", "diffusers-bf16", "diffusers-bf16-cl")
 
 
@@ -255,6 +248,8 @@ def main() -> None:
     import torch
     from PIL import Image
 
+    from dapple.train.data.shapes import images_psnr
+
     pixels = {who: np.asarray(Image.open(Path(scratch.name) / f"{who}.png")) for who in runs}
     reference = "dapple-fp32" if "dapple-fp32" in pixels else None
 
@@ -271,7 +266,7 @@ def main() -> None:
         row += "".join(f" {seconds[name] / seconds[who]:>19.2f}" for name in baselines)
         row += f" {peak[who] / peak['diffusers']:>16.2f}" if "diffusers" in peak else f" {'':>16}"
         if reference:
-            row += f" {psnr(pixels[who], pixels[reference]):>20.1f}"
+            row += f" {images_psnr(pixels[reference], pixels[who]):>20.1f}"
         print(row)
     print("x vs: how many times faster than that configuration (above 1: faster); peak: the process's peak RSS")
     scratch.cleanup()
