@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from dapple.errors import ModelLoadError
-from dapple.models.precision import default_dtype
+from dapple.models.precision import BF16_MIN_PARAMETERS, default_dtype
 
 _DTYPES = {
     "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
@@ -68,8 +68,8 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device,
 # Below this many UNet parameters a model gains little from a second thread (the built-in model: 0.25 s an image on
 # 2 threads, 0.28 s on 1) and loses most when another process holds a core: OpenMP's threads wait on each other at
 # every operator, and one descheduled thread stalls them all (2.3 s on 2 threads against 0.27 s on 1 with one core
-# busy, measured on a 2-core machine).
-SMALL_MODEL_PARAMETERS = 100_000_000
+# busy, measured on a 2-core machine). The same cutoff keeps such models in fp32 on the CPU (precision.py).
+SMALL_MODEL_PARAMETERS = BF16_MIN_PARAMETERS
 _torch_default_threads: int | None = None  # torch's own choice, remembered before Dapple first changes it
 
 
