@@ -48,6 +48,12 @@ class UnmaskedInpaintingChannels(Extension):
         self.components = components
         self._by_size: dict[tuple[int, ...], torch.Tensor] = {}
 
+    @property
+    def model(self) -> torch.nn.Module:
+        """The model this extension calls inside the loop (it encodes the grey image), lent with the UNet under
+        CPU offload (memory.stage_models)."""
+        return self.components.vae
+
     def channels(self, images: int, width: int, height: int) -> torch.Tensor:
         key = (images, width, height)
         if key not in self._by_size:

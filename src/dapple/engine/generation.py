@@ -156,10 +156,9 @@ class Run:
         merged = merge_hooks(self.hooks, hooks)
         pass_extensions = [self.input_channels] if self.input_channels is not None else []
         pass_extensions = self.extensions.merged([*pass_extensions, *extensions])
-        # Under CPU offload the UNet stage borrows the UNet and its ControlNets/adapters (and, for an inpainting
-        # UNet, the VAE: its default input channels encode a grey image inside the loop).
-        vae = self.components.vae if self.components.unet_kind == "inpainting" else None
-        with lent(self.components.unet, *stage_models(pass_extensions), vae):
+        # Under CPU offload the UNet stage borrows the UNet and the models its extensions call inside the loop
+        # (ControlNets, adapters; the VAE for an inpainting UNet's default input channels).
+        with lent(self.components.unet, *stage_models(pass_extensions)):
             latents = denoise(
                 self.components.unet, scheduler, latents, self.conditioning, self.request.guidance_scale,
                 timesteps=timesteps, generators=self.generators, hooks=merged,
