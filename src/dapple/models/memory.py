@@ -256,8 +256,7 @@ def lent(*modules: torch.nn.Module | None) -> Iterator[None]:
 
 def stage_models(extensions: Iterable[Any]) -> list[torch.nn.Module]:
     """The models a run's extensions call inside the UNet loop (`.model`: ControlNets, T2I-Adapters, the VAE of an
-    inpainting UNet's default input channels),
-    to be lent with the UNet."""
+    inpainting UNet's default input channels), to be lent with the UNet."""
     return [model for extension in extensions
             if isinstance(model := getattr(extension, "model", None), torch.nn.Module)]
 
