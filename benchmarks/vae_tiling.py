@@ -1,25 +1,28 @@
 """VAE tiling: peak memory, time and seams of a large decode, tiled against untiled, with SD 1.5's VAE.
 
 SD 1.5's VAE architecture (84M parameters) is built from its config with random weights (seeded; nothing is
-downloaded). Each decode runs in a fresh process, so that its peak RSS is its own: the untiled decode, and the
-tiled one (diffusers' tiled_decode through dapple.engine.latents.decode: 512 px tiles overlapping by a quarter,
-borders blended linearly; see dapple.models.memory).
+downloaded). Each decode runs in a fresh process, so that its peak RSS is its own: the untiled decode and two tiled
+ones through dapple.engine.latents.decode (diffusers' tiled_decode: 512 px tiles overlapping by a quarter, borders
+blended linearly; see dapple.models.memory):
+    shared    Dapple's default: every tile's group norms use one set of statistics estimated from the latents
+              scaled down to one tile (pkuliyi2015's Tiled VAE, fast mode; dapple.models.tiled_norms)
+    per-tile  diffusers' plain tiled decode: each tile normalises by its own statistics
 
 Two latents are decoded (--kinds):
     smooth  low-frequency gradients and waves: the output is smooth, so a seam would show as a line
     noise   unit normal latents: what a random-weight VAE makes of them looks like noise
 
-For each kind it reports the max and mean |tiled - untiled| in the blend zones (where two tiles mix, 128 px after
+For each kind and tiled mode it reports the max and mean |tiled - untiled| in the blend zones (where two tiles mix, 128 px after
 each 384 px tile step) against the rest of the image, and a seam ratio: the mean pixel step across the tile lines
 over the mean pixel step elsewhere (1.0: the lines cannot be told from the rest). It writes
-docs/gallery/vae_tiling.png: tiled | untiled | |difference| x 10, the whole image (downscaled) over crops at full
-resolution around a tile corner. A random-weight VAE is far more sensitive to what its group norms and mid-block
+docs/gallery/vae_tiling.png: per-tile | shared | untiled, the whole image (downscaled) over crops at full
+resolution around a tile corner, over |tiled - untiled| x 10 of both tiled modes. A random-weight VAE is far more sensitive to what its group norms and mid-block
 attention see than a trained one: the tiled/untiled difference here is an upper bound of what a real VAE shows.
 
     python benchmarks/vae_tiling.py                          # 2048x2048 (256x256 latents), fp32, 1 thread
-    python benchmarks/vae_tiling.py --size 512 --kinds smooth --picture /tmp/vae_tiling_512.png   # a quick check
+    python benchmarks/vae_tiling.py --size 1024 --kinds smooth --picture /tmp/vae_tiling_1024.png   # a quick check
 
-The untiled 2048x2048 decode needs about 10+ GB of RAM; the tiled one stays under 2 GB.
+The untiled 2048x2048 decode needs about 16 GB of RAM; the tiled ones stay under 2 GB.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ TILE, OVERLAP = 512, 0.25  # pixels per tile side, and diffusers' tile_overlap_f
 STRIDE = int(TILE // 8 * (1 - OVERLAP)) * 8  # 384 px between tile starts
 BLEND = int(TILE * OVERLAP)  # 128 px blended after each tile start
 MARGIN = 32  # px at the image's edges left out of the seam ratio's "elsewhere"
+MODES = ("untiled", "per-tile", "shared")
+TILED = MODES[1:]
 
 
 def build_vae(dtype):
@@ -76,8 +81,9 @@ def worker(args: argparse.Namespace) -> None:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     vae = build_vae(dtype)
     latents = make_latents(args.kind, args.size // 8)
-    if args.mode == "tiled":  # what memory=MemoryOptions(vae_tiling=True) sets on the VAE
+    if args.mode in TILED:  # what memory=MemoryOptions(vae_tiling=True, vae_tile_norms=...) sets on the VAE
         vae.use_tiling = True
+        vae.shared_tile_norms = args.mode == "shared"
         set_tile_size(vae, TILE)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     clock = time.perf_counter()
@@ -141,29 +147,32 @@ def compare(tiled, untiled, size: int) -> dict:
             "seam_ratio_tiled": seam_ratio(tiled, size), "seam_ratio_untiled": seam_ratio(untiled, size)}
 
 
-def picture(tiled, untiled, path: Path) -> None:
-    """tiled | untiled | |difference| x 10: the whole image (downscaled to 512) over 512 px crops at full
-    resolution around the first tile corner."""
+def picture(images: dict, path: Path) -> None:
+    """per-tile | shared | untiled: the whole image (downscaled to 512) over 512 px crops at full resolution
+    around the first tile corner; below, |tiled - untiled| x 10 of each tiled mode (whole, then the crop)."""
     import numpy as np
     from PIL import Image, ImageDraw
 
-    size = tiled.shape[0]
-    difference = np.clip(np.abs(tiled - untiled) * 10, 0, 1)
-    panels = [tiled, untiled, difference]
+    untiled = images["untiled"]
+    size = untiled.shape[0]
     to_image = lambda array: Image.fromarray((np.clip(array, 0, 1) * 255).round().astype(np.uint8))  # noqa: E731
     side = min(512, size)
     corner = min(STRIDE + BLEND // 2, size - side // 2)  # the middle of the first blend zone
     top = max(0, min(corner - side // 2, size - side))
-    label_height = 20
-    sheet = Image.new("RGB", (3 * side, 2 * side + 2 * label_height), "white")
+    label = 20
+    rows = [[(images[mode], f"{mode if mode == 'untiled' else mode + ' norms'}") for mode in ("per-tile", "shared",
+                                                                                            "untiled")],
+            [(np.clip(np.abs(images[mode] - untiled) * 10, 0, 1), f"|{mode} - untiled| x 10") for mode in TILED]]
+    sheet = Image.new("RGB", (3 * side, 4 * (side + label)), "white")
     draw = ImageDraw.Draw(sheet)
-    for column, (array, name) in enumerate(zip(panels, ("tiled", "untiled", "|tiled - untiled| x 10"))):
-        sheet.paste(to_image(array).resize((side, side), Image.LANCZOS), (column * side, label_height))
-        crop = array[top:top + side, top:top + side]
-        sheet.paste(to_image(crop), (column * side, 2 * label_height + side))
-        draw.text((column * side + 4, 4), f"{name} ({size}x{size}, downscaled)", fill="black")
-        draw.text((column * side + 4, label_height + side + 4), f"{name}: pixels {top}..{top + side} at full size",
-                  fill="black")
+    for row, panels in enumerate(rows):
+        for column, (array, name) in enumerate(panels):
+            y = row * 2 * (side + label)
+            sheet.paste(to_image(array).resize((side, side), Image.LANCZOS), (column * side, y + label))
+            sheet.paste(to_image(array[top:top + side, top:top + side]), (column * side, y + 2 * label + side))
+            draw.text((column * side + 4, y + 4), f"{name} ({size}x{size}, downscaled)", fill="black")
+            draw.text((column * side + 4, y + label + side + 4), f"{name}: pixels {top}..{top + side} at full size",
+                      fill="black")
     path.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(path)
 
@@ -192,34 +201,37 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as folder:
         for kind in args.kinds.split(","):
-            runs = {mode: run_worker(kind, mode, args, Path(folder)) for mode in ("untiled", "tiled")}
+            runs = {mode: run_worker(kind, mode, args, Path(folder)) for mode in MODES}
             entry = {mode: {k: v for k, v in run.items() if k != "save"} for mode, run in runs.items()}
             if all(run["save"] for run in runs.values()):
-                tiled, untiled = (np.load(runs[mode]["save"]) for mode in ("tiled", "untiled"))
-                entry["comparison"] = compare(tiled, untiled, args.size)
+                images = {mode: np.load(run["save"]) for mode, run in runs.items()}
+                entry["comparison"] = {mode: compare(images[mode], images["untiled"], args.size) for mode in TILED}
                 if kind == args.kinds.split(",")[0]:
-                    picture(tiled, untiled, args.picture)
+                    picture(images, args.picture)
                     entry["picture"] = str(args.picture)
             results[kind] = entry
     print("\n| latents | decode | seconds | peak RSS MB | max diff, blend zones | max diff, elsewhere | "
           "mean diff, zones / elsewhere | seam ratio |")
     print("|---|---|---|---|---|---|---|---|")
     for kind, entry in results.items():
-        comparison = entry.get("comparison", {})
-        for mode in ("untiled", "tiled"):
+        comparisons = entry.get("comparison", {})
+        for mode in MODES:
             run = entry[mode]
             if "error" in run:
                 print(f"| {kind} | {mode} | failed: {run['error']} | | | | | |")
                 continue
-            diffs = ("", "", "") if mode == "untiled" or not comparison else (
+            comparison = comparisons.get(mode)
+            diffs = ("", "", "") if comparison is None else (
                 f"{comparison['max_diff_blend_zones']:.4f}", f"{comparison['max_diff_elsewhere']:.4f}",
                 f"{comparison['mean_diff_blend_zones']:.4f} / {comparison['mean_diff_elsewhere']:.4f}")
-            ratio = comparison.get(f"seam_ratio_{mode}")
+            ratio = (comparison or {}).get("seam_ratio_tiled") if mode in TILED else next(
+                iter(comparisons.values()), {}).get("seam_ratio_untiled")
             print(f"| {kind} | {mode} | {run['seconds']:.1f} | {run['peak_rss_mb']:.0f} | {' | '.join(diffs)} | "
                   f"{'' if ratio is None else f'{ratio:.3f}'} |")
-        if not any("error" in entry[mode] for mode in ("tiled", "untiled")):
-            share = entry["tiled"]["peak_rss_mb"] / entry["untiled"]["peak_rss_mb"]
-            print(f"| {kind} | tiled / untiled peak RSS | {share:.2f} | | | | | |")
+        for mode in TILED:
+            if "error" not in entry[mode] and "error" not in entry["untiled"]:
+                share = entry[mode]["peak_rss_mb"] / entry["untiled"]["peak_rss_mb"]
+                print(f"| {kind} | {mode} / untiled peak RSS | {share:.2f} | | | | | |")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     print(f"\npicture: {args.picture}")

@@ -100,7 +100,7 @@ def test_vae_tiling_matches_diffusers_tiled_decode_over_several_tiles(mem_pipe) 
     latents = torch.randn((1, 4, 96, 96), generator=torch.Generator().manual_seed(0))
     scale = mem_pipe.components.latent_scaling_factor
     untiled = decode(vae, latents, scale)
-    mem_pipe.set_memory(MemoryOptions(vae_tiling=True))
+    mem_pipe.set_memory(MemoryOptions(vae_tiling=True, vae_tile_norms="per-tile"))  # diffusers' plain tiling
     calls, handle = decoder_batches(vae)
     try:
         tiled = decode(vae, latents, scale)
@@ -115,7 +115,7 @@ def test_vae_tiling_matches_diffusers_tiled_decode_over_several_tiles(mem_pipe) 
 
 
 def test_vae_tiling_in_a_run_matches_diffusers_pipeline_with_tiling(mem_pipe, reference_pipe) -> None:
-    mem_pipe.set_memory({"vae_tiling": True})
+    mem_pipe.set_memory({"vae_tiling": True, "vae_tile_norms": "per-tile"})
     ours = pixels(mem_pipe, width=192, height=128)
     reference_pipe.vae.enable_tiling()
     try:
@@ -138,7 +138,8 @@ def test_one_tile_equals_untiled_and_the_tile_size_is_an_option(mem_pipe) -> Non
         decode(vae, torch.randn((1, 4, 96, 96)), scale)
     finally:
         handle.remove()
-    assert len(calls) == 4
+    # one decode of the latents scaled down to one tile (the shared norms' statistics), then 2 x 2 tiles
+    assert [shape[-1] for shape in calls] == [64, 64, 48, 64, 48]
     mem_pipe.set_memory(None)
     assert vae.tile_latent_min_size == 32 and not vae.use_tiling  # back to the VAE's own
 
@@ -391,6 +392,8 @@ def test_memory_flags_make_the_option() -> None:
     assert memory_from_flags(lowvram=True, vae_tiling=True) == memory.PRESETS["lowvram"]
     assert memory_from_flags(vae_slicing=True, offload="Model") == MemoryOptions(vae_slicing=True, offload="model")
     assert memory_from_flags(attention_slicing=True).slice_size == "auto"
+    assert memory_from_flags(vae_tiling=True, vae_tile_norms="Per-Tile") == MemoryOptions(vae_tiling=True,
+                                                                                         vae_tile_norms="per-tile")
 
 
 def test_cli_flags_reach_the_pipeline(tiny_model_dir, tmp_path, monkeypatch) -> None:

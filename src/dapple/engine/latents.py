@@ -3,7 +3,8 @@
 The VAE's memory switches are diffusers' own attributes on the model (models/memory.py sets them):
 ``use_slicing`` decodes one image of a batch at a time, ``use_tiling`` decodes overlapping tiles of
 ``tile_latent_min_size`` latents and blends their borders (diffusers' AutoencoderKL.tiled_decode, reused as it
-is), for latents larger than one tile. A VAE under model CPU offload is lent to its device for each call.
+is), for latents larger than one tile, with its group norms sharing one set of statistics unless the memory
+options say "per-tile" (models/tiled_norms.py). A VAE under model CPU offload is lent to its device for each call.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from diffusers import AutoencoderKL
 from PIL import Image
 
 from dapple.models.memory import execution_device, lent
+from dapple.models.tiled_norms import needs_tiles, shared_norms
 
 
 def make_generators(seeds: Sequence[int]) -> list[torch.Generator]:
@@ -62,7 +64,8 @@ def decode(vae: AutoencoderKL, latents: torch.Tensor, scaling_factor: float) -> 
 
     With the VAE's use_slicing on, one image at a time: each is converted to float32 in [0, 1] and moved off the
     device before the next one decodes, so the device never holds the batch's decoded images. With use_tiling on,
-    latents larger than a tile go through diffusers' tiled_decode (in vae.decode)."""
+    latents larger than a tile go through diffusers' tiled_decode (in vae.decode), by default with one set of
+    group-norm statistics for every tile (dapple.models.tiled_norms)."""
     with lent(vae):
         device = execution_device(vae)
         batches = latents.split(1) if getattr(vae, "use_slicing", False) else [latents]
@@ -72,8 +75,13 @@ def decode(vae: AutoencoderKL, latents: torch.Tensor, scaling_factor: float) -> 
 
 
 def _decode_batch(vae: AutoencoderKL, scaled: torch.Tensor) -> torch.Tensor:
-    # vae.decode itself tiles when use_tiling is on and the latents are larger than one tile.
-    images = vae.decode(scaled, return_dict=False)[0]
+    # vae.decode itself tiles when use_tiling is on and the latents are larger than one tile; the memory options
+    # set shared_tile_norms on the VAE when its tiles are to share one set of group-norm statistics.
+    if getattr(vae, "shared_tile_norms", False) and needs_tiles(vae, scaled):
+        with shared_norms(vae, scaled):
+            images = vae.decode(scaled, return_dict=False)[0]
+    else:
+        images = vae.decode(scaled, return_dict=False)[0]
     return (images.float() / 2 + 0.5).clamp(0, 1)
 
 

@@ -319,18 +319,22 @@ MEMORY_FLAGS = {
                                        "image)")),
     "vae_tiling": (bool, typer.Option(False, "--vae-tiling", help="decode large images in blended tiles: bounded "
                                       "memory (the image changes slightly)")),
+    "vae_tile_norms": (str, typer.Option("shared", "--vae-tile-norms", help="with VAE tiling: shared (one set of "
+                                         "group-norm statistics for all tiles, no seams) or per-tile (diffusers' "
+                                         "plain tiling)")),
     "offload": (Optional[str], typer.Option(None, "--offload", show_default=False, help="model | sequential: rest "
                                             "models in CPU memory between uses (CUDA only)")),
 }
 
 
 def memory_from_flags(medvram: bool = False, lowvram: bool = False, attention_slicing: bool = False,
-                      vae_slicing: bool = False, vae_tiling: bool = False, offload: Optional[str] = None):
+                      vae_slicing: bool = False, vae_tiling: bool = False, offload: Optional[str] = None,
+                      vae_tile_norms: str = "shared"):
     """The memory option dapple.load takes, from the command line's flags: None, a preset, or MemoryOptions
     (a preset with the single switches added)."""
     from dataclasses import replace
 
-    from dapple.models.memory import OFFLOAD_MODES, PRESETS
+    from dapple.models.memory import OFFLOAD_MODES, PRESETS, TILE_NORMS
 
     if medvram and lowvram:
         fail("--medvram and --lowvram are two presets; choose one")
@@ -341,14 +345,20 @@ def memory_from_flags(medvram: bool = False, lowvram: bool = False, attention_sl
                                             ("vae_tiling", vae_tiling)) if on}
     if offload is not None:
         switches["offload"] = offload.strip().lower()
+    norms = vae_tile_norms.strip().lower()
+    if norms not in TILE_NORMS:
+        fail(f"--vae-tile-norms {vae_tile_norms!r} is invalid; use shared or per-tile"
+             f"{_did_you_mean(vae_tile_norms, TILE_NORMS)}")
+    if norms != "shared":
+        switches["vae_tile_norms"] = norms
     if not switches:
         return preset
     return replace(PRESETS[preset or "none"], **switches)
 
 
 def memory_flags(command):
-    """Give a command --medvram, --lowvram, --attention-slicing, --vae-slicing, --vae-tiling and --offload; it
-    receives them as one `memory` keyword (see memory_from_flags), declared last in its signature."""
+    """Give a command --medvram, --lowvram, --attention-slicing, --vae-slicing, --vae-tiling, --vae-tile-norms and
+    --offload; it receives them as one `memory` keyword (see memory_from_flags), declared last in its signature."""
     signature = inspect.signature(command, eval_str=True)  # real types: typer reads them from this signature
     parameters = [parameter for parameter in signature.parameters.values() if parameter.name != "memory"]
     flags = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation)

@@ -6,9 +6,12 @@ A1111's --medvram / --lowvram presets, and the clear error that names them when 
   torch's SDPA kernels on the CPU already compute attention in blocks without the whole score matrix.
 - VAE slicing: decode (and encode) one image of a batch at a time (diffusers' ``AutoencoderKL.enable_slicing``).
   Same image; peak memory of one image instead of the batch.
-- VAE tiling: decode overlapping latent tiles and blend their borders linearly (diffusers' ``tiled_decode``,
-  the method of A1111's Tiled VAE); bounded memory for any image size. The image changes slightly: each tile's
-  group norms and mid-block attention see only the tile.
+- VAE tiling: decode overlapping latent tiles and blend their borders linearly (diffusers' ``tiled_decode``);
+  bounded memory for any image size. By default every tile's group norms use one set of statistics estimated for
+  the whole image (pkuliyi2015's Tiled VAE, fast mode: dapple.models.tiled_norms), so tiles agree in brightness
+  and contrast and the blend leaves no seams; ``vae_tile_norms="per-tile"`` is diffusers' plain tiling, where each
+  tile normalises by itself. Either way the image differs slightly from the untiled one: the statistics are an
+  estimate and the mid-block attention sees only the tile.
 - Model CPU offload (diffusers' ``enable_model_cpu_offload``; A1111's --medvram): every model rests in CPU memory
   and is lent to the GPU only while its stage runs (text encoder, then the UNet loop with its ControlNets, then
   the VAE); ``lent`` is that context manager, after InvokeAI's model-on-device one.
@@ -32,6 +35,7 @@ import torch
 from dapple.errors import InvalidRequestError, NotEnoughMemoryError
 
 OFFLOAD_MODES = ("model", "sequential")
+TILE_NORMS = ("shared", "per-tile")
 SLICE_NAMES = ("auto", "max")
 
 
@@ -41,7 +45,8 @@ class MemoryOptions:
 
     attention_slicing: False (off), True or "auto" (half the heads at a time), "max" (one head at a time) or a
     slice size in heads. vae_slicing: one image of a batch at a time through the VAE. vae_tiling: the VAE in
-    overlapping tiles of vae_tile_size pixels (None: the VAE's own, 512 for SD 1.x, 1024 for SDXL). offload: None,
+    overlapping tiles of vae_tile_size pixels (None: the VAE's own, 512 for SD 1.x, 1024 for SDXL), their group norms
+    "shared" (one set of statistics for the whole image, no seams) or "per-tile" (vae_tile_norms). offload: None,
     "model" or "sequential" (CUDA only). preset: the preset these came from ("medvram", "lowvram"), if any."""
 
     attention_slicing: bool | str | int = False
@@ -49,6 +54,7 @@ class MemoryOptions:
     vae_tiling: bool = False
     offload: str | None = None
     vae_tile_size: int | None = None
+    vae_tile_norms: str = "shared"
     preset: str | None = None
 
     def __post_init__(self) -> None:
@@ -70,6 +76,9 @@ class MemoryOptions:
         if tile is not None and (isinstance(tile, bool) or not isinstance(tile, int) or tile < 64 or tile % 8):
             raise InvalidRequestError(f"vae_tile_size {tile!r} is invalid; use None (the VAE's own) or a multiple of "
                                       "8 pixels >= 64")
+        if self.vae_tile_norms not in TILE_NORMS:
+            raise InvalidRequestError(f"vae_tile_norms {self.vae_tile_norms!r} is invalid; use 'shared' (one set of "
+                                      "group-norm statistics for every tile) or 'per-tile' (diffusers' plain tiling)")
 
     @property
     def slice_size(self) -> str | int | None:
@@ -88,7 +97,9 @@ class MemoryOptions:
         if self.vae_slicing:
             parts.append("VAE slicing")
         if self.vae_tiling:
-            parts.append("VAE tiling" + (f" ({self.vae_tile_size} px)" if self.vae_tile_size else ""))
+            details = [f"{self.vae_tile_size} px"] if self.vae_tile_size else []
+            details += ["per-tile norms"] if self.vae_tile_norms == "per-tile" else []
+            parts.append("VAE tiling" + (f" ({', '.join(details)})" if details else ""))
         return ", ".join(parts) or "none"
 
 
@@ -304,6 +315,7 @@ class MemoryState:
         vae = c.vae
         vae.use_slicing = options.vae_slicing
         vae.use_tiling = options.vae_tiling
+        vae.shared_tile_norms = options.vae_tiling and options.vae_tile_norms == "shared"  # read by engine.latents
         if options.vae_tile_size is not None:
             set_tile_size(vae, options.vae_tile_size)
         self.options, self.notes = options, notes
@@ -341,7 +353,7 @@ class MemoryState:
         self._processors.clear()
         c = self.components
         vae = c.vae
-        vae.use_slicing = vae.use_tiling = False
+        vae.use_slicing = vae.use_tiling = vae.shared_tile_norms = False
         if self.options.vae_tile_size is not None:
             set_tile_size(vae, None)
         if self.options.offload is not None:
