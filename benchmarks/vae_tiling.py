@@ -12,12 +12,13 @@ Two latents are decoded (--kinds):
     smooth  low-frequency gradients and waves: the output is smooth, so a seam would show as a line
     noise   unit normal latents: what a random-weight VAE makes of them looks like noise
 
-For each kind and tiled mode it reports the max and mean |tiled - untiled| in the blend zones (where two tiles mix, 128 px after
-each 384 px tile step) against the rest of the image, and a seam ratio: the mean pixel step across the tile lines
-over the mean pixel step elsewhere (1.0: the lines cannot be told from the rest). It writes
+For each kind and tiled mode it reports the max and mean |tiled - untiled| in the blend zones (where two tiles
+mix, 128 px after each 384 px tile step) against the rest of the image, and a seam ratio: the mean pixel step
+across the tile lines over the mean pixel step elsewhere (1.0: the lines cannot be told from the rest). It writes
 docs/gallery/vae_tiling.png: per-tile | shared | untiled, the whole image (downscaled) over crops at full
-resolution around a tile corner, over |tiled - untiled| x 10 of both tiled modes. A random-weight VAE is far more sensitive to what its group norms and mid-block
-attention see than a trained one: the tiled/untiled difference here is an upper bound of what a real VAE shows.
+resolution around a tile corner, over |tiled - untiled| x 10 of both tiled modes. A random-weight VAE is far more
+sensitive to what its group norms and mid-block attention see than a trained one: the tiled/untiled difference
+here is an upper bound of what a real VAE shows.
 
     python benchmarks/vae_tiling.py                          # 2048x2048 (256x256 latents), fp32, 1 thread
     python benchmarks/vae_tiling.py --size 1024 --kinds smooth --picture /tmp/vae_tiling_1024.png   # a quick check
